@@ -77,6 +77,10 @@ class Args:
     # ---- the method
     reward_coef: float = 10.0
     """α, weight of the reward term (official README single-prompt run: 10; argparse default 100; multi-prompt 1000)"""
+    reward_scale: Literal["base", "none"] = "base"
+    """'base': r / s, s the std of the base model's rewards on the fixed-seed validation set (measured once, at the
+    start), so that α weighs a reward of unit spread against β·KL in any reward's units (DPOK's α, β were tuned on
+    ImageReward, whose score is standardised by its authors); 'none': r in the scorer's own units"""
     kl_coef: float = 0.01
     """β, weight of the KL term (official: 0.01 single prompt, 0.1 multi-prompt); 0 drops the reference pass (DDPO)"""
     kl: Literal["eps-mse", "gaussian"] = "eps-mse"
@@ -463,6 +467,16 @@ def main(args: Args) -> Path:
         logger.log_images("samples", grid, it)
         logger.log({"rewards/eval_mean": rewards.mean()}, it)
 
+    # The reward's unit: s = std of the base model's validation rewards; deterministic (fixed seeds), so a resumed run
+    # measures the same s. A learned reward's scores have no fixed scale (ours spread by ~20, the toy reward by ~0.1):
+    # without this, α/β means a KL weight 200x weaker on one than on the other, and the policy drifts off.
+    reward_unit = 1.0
+    if args.reward_scale == "base":
+        with reference_unet(unet, ref_unet) as ref:
+            reward_unit = validate(ref, None, *evaluation)[1].std().item()
+        require(reward_unit > 0, "--reward-scale base: the base model's validation rewards are all equal; use none")
+        if dist.is_main:
+            print(f"reward unit: r / {reward_unit:.4g} (the std of the base model's {args.num_val} validation rewards)")
     if start == 0 and dist.is_main:
         save_samples(0)  # the base model's grid
     for it in tqdm(range(start, args.iterations), initial=start, total=args.iterations, disable=not dist.is_main):
@@ -473,7 +487,7 @@ def main(args: Args) -> Path:
         noise = lambda shape: torch.randn(shape, generator=noise_gen, device=device)  # noqa: E731
         latents, log_probs, _ = sample(unet, ref_unet, embed(idx)[0], sched, args, noise, autocast)
         with torch.no_grad():
-            rewards = scorer(decode(vae, latents[-1]), batch_prompts).float().to(device)  # (N,)
+            rewards = scorer(decode(vae, latents[-1]), batch_prompts).float().to(device) / reward_unit  # (N,)
         all_rewards = gather(rewards, dist)
         if it == 0 and args.advantage == "value":  # V starts at the mean reward, not 0: the first steps get centred
             with torch.no_grad():                   # advantages instead of A = r (a reward model's r may be ~30)
@@ -554,7 +568,8 @@ def main(args: Args) -> Path:
         metrics |= {names.get(k, f"charts/{k}"): runtime.all_reduce_mean(v, dist) for k, v in sums.items()}
         if "losses/value_loss" in metrics:
             metrics["losses/value_loss"] = runtime.all_reduce_mean(metrics["losses/value_loss"], dist)
-        metrics |= {"rewards/mean": all_rewards.mean(), "rewards/std": all_rewards.std(unbiased=False),
+        metrics |= {"rewards/mean": all_rewards.mean() * reward_unit,  # in the scorer's units
+                    "rewards/std": all_rewards.std(unbiased=False) * reward_unit,
                     "charts/lr": optimizer.param_groups[0]["lr"], "charts/buffer_size": size,
                     "charts/images": (it + 1) * args.sample_batch * dist.world_size,
                     "charts/seconds_per_iteration": time.time() - t0}

@@ -55,11 +55,16 @@ from tqdm import tqdm
 from common.data import decode_image, load_prompts
 from common.runtime import barrier, cleanup_distributed, require, save_image_grid, setup_distributed, write_args
 from common.scorers import load_scorer
+from common.toy import PROMPT_FILES
 from common.toy import PROMPTS as TOY_PROMPTS
 from common.toy import toy_world
 
 REPO = Path(__file__).resolve().parent
 ScorerName = Literal["toy", "clip", "pickscore", "aesthetic", "reward-model"]
+Criterion = Literal["appeal", "alignment", "overall"]
+QUESTIONS = {"appeal": "Which image is more visually appealing? (the prompt is hidden: judge the image alone)",
+             "alignment": "Which image fits the text better?",
+             "overall": "Which image do you prefer overall, for this text?"}
 
 
 @dataclass
@@ -68,7 +73,8 @@ class Args:
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """pipeline (hub id or folder): the model named "base", and the pipeline UNet/LoRA candidates are loaded into"""
     candidates: tuple[str, ...] = ()
-    """NAME=PATH each, PATH one of (checked in this order): a run's output dir (its final/unet or final/lora), a UNet
+    """NAME=PATH or NAME=PATH1,PATH2,.. (one model trained with several seeds: the seed becomes a unit of the
+    statistics), PATH one of (checked in this order): a run's output dir (its final/unet or final/lora), a UNet
     folder, a LoRA folder, a pipeline folder or hub id. Toy, none given: a toy diffusion_dpo.py run (trained first)"""
     baseline: str = "base"
     """the model every other one is compared with: "base" or a candidate's NAME; candidates also meet pairwise"""
@@ -82,8 +88,11 @@ class Args:
     """k images per prompt, averaged per prompt before any statistic"""
     seed: int = 0
     """image j of prompt i is drawn with seed + i + 100000 j, for every model"""
-    num_inference_steps: int = 50
-    """sampler steps, with the pipeline's own scheduler"""
+    sample_steps: int = 50
+    """DDIM steps (every model samples with DDIMScheduler on its own config, so --eta means the same everywhere)"""
+    eta: float = 0.0
+    """η of DDIM: 0 deterministic (diffusers' default), 1 DDPM-like; the training scripts' toy evaluations use the
+    toy study's values (20 steps, η = 0)"""
     guidance_scale: float = 7.5
     """classifier-free guidance weight (diffusers' SD1.5 default)"""
     resolution: int | None = None
@@ -110,10 +119,26 @@ class Args:
     confidence: float = 0.95
     """confidence level of every interval"""
     n_resamples: int = 10_000
-    """bootstrap resamples per interval"""
+    """bootstrap resamples per interval of a per-prompt metric"""
+    set_resamples: int = 200
+    """bootstrap resamples (over images) per interval of FID, KID and IS; each recomputes the metric (FID: a 2048x2048
+    matrix square root, about a second on a CPU)"""
+    # ---- the human rating kit
+    summary_against: tuple[str, ...] = ()
+    """arms whose win rates the report's first table lists besides the baseline's (the study: dpo)"""
     # ---- the human rating kit
     rating_pairs: int = 50
-    """pairs per comparison in the double-blind rating kit (rating_kit/index.html and key.json); 0: no kit"""
+    """pairs per comparison in the double-blind rating kit (rating_kit/page_NN.html, one page per comparison, and
+    key.json); 0: no kit"""
+    rating_criteria: tuple[Criterion, ...] = ("appeal", "alignment", "overall")
+    """the questions asked of every pair, in this order, each left / right / tie (Diffusion-DPO's protocol): appeal =
+    which image is more visually appealing (the prompt hidden), alignment = which fits the prompt better, overall =
+    which one the rater prefers for the prompt"""
+    attention_checks: int = 2
+    """attention-check pairs per page: one image shown on both sides, where every answer must be tie"""
+    max_attention_failures: int | None = 0
+    """at ingest, exclude a rater who answered more than this many attention-check questions wrongly (reported
+    either way); None: keep every rater"""
     ingest_ratings: tuple[str, ...] = ()
     """rater files saved by the kit: only un-blind them with --rating-key (ratings.json and .md beside the key)"""
     rating_key: str | None = None
@@ -128,11 +153,13 @@ class Args:
 
 
 def toy_defaults() -> Args:
-    """--toy: the toy base and prompts, the toy reward and tiny CLIP as scorers, the toy pretraining images as FID
-    reference (4 images per prompt: 24 prompts are few units, so each is averaged over more samples)."""
+    """--toy: the toy base, the held-out toy prompts (common/toy.py HELDOUT_PROMPTS: the study never trains on them),
+    the toy reward and tiny CLIP as scorers, the toy pretraining images as FID reference (8 images per prompt: 12
+    prompts are few units, so each is averaged over more samples), DDIM 20 steps, η = 0 (the scripts' toy evaluations
+    use the same)."""
     world = toy_world()
-    return Args(toy=True, base_model=str(world.pipeline), prompts=str(world.prompts), images_per_prompt=4,
-                num_inference_steps=25, guidance_scale=5.0, resolution=world.resolution, batch_size=32,
+    return Args(toy=True, base_model=str(world.pipeline), prompts=str(PROMPT_FILES["heldout"]), images_per_prompt=8,
+                sample_steps=20, eta=0.0, guidance_scale=5.0, resolution=world.resolution, batch_size=32,
                 mixed_precision="no", scorers=("toy", "clip"), scorer_paths=(f"clip={world.clip}",),
                 fid_reference=str(world.pretrain), rating_pairs=12)
 
@@ -204,6 +231,61 @@ def holm(pvalues: list[float]) -> list[float]:
     return adjusted
 
 
+def holm_across(comparisons: list[dict], tests: tuple[str, ...] = ("p_sign", "p_wilcoxon")) -> None:
+    """Holm over EVERY comparison x metric of the report, once per test: the family is all M = comparisons x metrics
+    hypotheses a reader may pick a "significant" result from, not one comparison's metrics. Adds `<test>_holm` to
+    each comparison's metrics[m], in place. comparisons: [{a, b, metrics: {metric: {p_sign, p_wilcoxon, ...}}}]."""
+    cells = [s for c in comparisons for s in c["metrics"].values()]
+    for test in tests:
+        for s, adjusted in zip(cells, holm([s[test] for s in cells])):
+            s[test + "_holm"] = adjusted
+
+
+def seeds_comparison(runs_a: np.ndarray, runs_b: np.ndarray, confidence: float = 0.95, n_resamples: int = 10_000,
+                     seed: int = 0) -> dict:
+    """Model A against model B when either was trained with several seeds: the training seed is a unit too.
+    runs_*: (S, n prompts, k images), S runs of one model on the same prompts and noise.
+
+        a_si = mean_j runs_a[s, i, j],  b_ti likewise;   mean_a = mean_{s,i} a_si,  diff = mean_a - mean_b
+        win_rate = mean_{s,t,i} (1[a_si > b_ti] + 1/2 1[a_si = b_ti])      (the mean over seeds of each seed's rate)
+    Intervals: percentile bootstrap that resamples A's seeds, B's seeds and the prompts independently (Owen 2007's
+    bootstrap for crossed factors), so disagreeing seeds widen them; with S = 3 seeds it runs short by about
+    sqrt(2/3) on the seed part (the plug-in variance), stated in the report. p_sign / p_wilcoxon: the tests of
+    paired_comparison on the seed-averaged d_i = mean_s a_si - mean_t b_ti (the prompt as unit).
+    """
+    require(runs_a.shape[1:] == runs_b.shape[1:], f"unpaired scores: {runs_a.shape} vs {runs_b.shape}")
+    a, b = runs_a.mean(axis=2), runs_b.mean(axis=2)  # (S_a, n), (S_b, n)
+    win = (a[:, None] > b[None]) + 0.5 * (a[:, None] == b[None])  # (S_a, S_b, n)
+    rng = np.random.default_rng(seed)
+    n = a.shape[1]
+    stats = {"mean_a": [], "mean_b": [], "diff": [], "win_rate": []}
+    for start in range(0, n_resamples, 500):  # chunks keep (R, S_a, S_b, n) small at n = 1,632 prompts
+        r = min(500, n_resamples - start)
+        ia, ib = rng.integers(len(a), size=(r, len(a))), rng.integers(len(b), size=(r, len(b)))
+        ii = rng.integers(n, size=(r, n))
+        ma = a[ia[:, :, None], ii[:, None, :]].mean(axis=(1, 2))  # (r,)
+        mb = b[ib[:, :, None], ii[:, None, :]].mean(axis=(1, 2))
+        w = win[ia[:, :, None, None], ib[:, None, :, None], ii[:, None, None, :]].mean(axis=(1, 2, 3))
+        for key, v in zip(stats, (ma, mb, ma - mb, w)):
+            stats[key].append(v)
+    tail = 100 * (1 - confidence) / 2
+    ci = {k: tuple(float(q) for q in np.percentile(np.concatenate(v), [tail, 100 - tail])) for k, v in stats.items()}
+    d = a.mean(axis=0) - b.mean(axis=0)  # (n,) seed-averaged
+    wins, ties, losses, p_sign = sign_test(d)
+    return dict(mean_a=float(a.mean()), ci_a=ci["mean_a"], mean_b=float(b.mean()), ci_b=ci["mean_b"],
+                diff=float(a.mean() - b.mean()), ci_diff=ci["diff"], win_rate=float(win.mean()),
+                ci_win=ci["win_rate"], wins=wins, ties=ties, losses=losses, p_sign=p_sign, p_wilcoxon=wilcoxon_test(d),
+                n=n, seeds_a=len(a), seeds_b=len(b), interval="crossed bootstrap over seeds and prompts")
+
+
+def compare(runs_a: np.ndarray, runs_b: np.ndarray, confidence: float, n_resamples: int, seed: int) -> dict:
+    """runs_* (S, n, k): one run each -> paired_comparison (BCa over prompts); several -> seeds_comparison."""
+    if len(runs_a) == 1 and len(runs_b) == 1:
+        return dict(paired_comparison(runs_a[0], runs_b[0], confidence, n_resamples, seed), seeds_a=1, seeds_b=1,
+                    interval="BCa bootstrap over prompts")
+    return seeds_comparison(runs_a, runs_b, confidence, n_resamples, seed)
+
+
 def fleiss_kappa(counts: np.ndarray) -> float:
     """Fleiss' kappa of counts (N items, K categories): counts[i, c] = raters who put item i in category c. Items
     rated by n_i >= 2 raters count; with equal n_i this is Fleiss (1971):
@@ -245,6 +327,37 @@ def fid_kid(feats: np.ndarray, ref: dict, seed: int) -> tuple[float, float | Non
         np.random.seed(seed)  # kernel_distance draws its subsets from numpy's global stream
         kid = float(fid.kernel_distance(feats, ref["feats"]))
     return value, kid
+
+
+def set_metrics(feats: np.ndarray | None, probs: np.ndarray, ref: dict | None, confidence: float, n_resamples: int,
+                seed: int) -> dict:
+    """FID, KID (with a reference) and IS of one sample of images, each with a percentile bootstrap interval over the
+    images: resample the N images with replacement, recompute the metric, take the (1-c)/2 and (1+c)/2 quantiles.
+    The reference set is held fixed (its own sampling error is not in the interval). IS is also computed with one
+    split per replicate: the 10-split mean of `inception_score` has splits of N/10 images, which at N = 96 (the toy)
+    are too few for p(y). A resample repeats images, which lowers the sample's spread, so FID's replicates sit above
+    the point estimate: the interval says how much the number moves with the images drawn, not where it is unbiased.
+    """
+    rng = np.random.default_rng(seed)
+    point, reps = {"is": inception_score(probs, splits=1)[0]}, {"is": []}
+    if ref is not None:
+        point["fid"], point["kid"] = fid_kid(feats, ref, seed)
+        reps["fid"], reps["kid"] = [], []
+    for r in range(n_resamples):
+        idx = rng.integers(len(probs), size=len(probs))  # (N,)
+        reps["is"].append(inception_score(probs[idx], splits=1)[0])
+        if ref is not None:
+            fid, kid = fid_kid(feats[idx], ref, seed + r)
+            reps["fid"].append(fid)
+            reps["kid"].append(kid)
+    tail = 100 * (1 - confidence) / 2
+    out = {}
+    for name, value in point.items():
+        values = [v for v in reps[name] if v is not None]
+        out[name] = value
+        out["ci_" + name] = tuple(float(q) for q in np.percentile(values, [tail, 100 - tail])) if values else None
+        out["boot_" + name] = values  # kept: an arm of several seeds resamples these per seed
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ models and images
@@ -365,70 +478,138 @@ def reference_stats(source: str, embed, batch_size: int, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ the rating kit
 
 
-def export_rating_kit(out: Path, prompts: list[str], pairs_of_models: list[tuple[str, str]], k: int, n_pairs: int,
-                      seed: int, pixelated: bool = False) -> Path:
-    """rating_kit/index.html (self-contained, names hidden, left/right random) and rating_kit/key.json (the truth).
-    Per comparison, n_pairs distinct prompts, each with a random image j; all pairs are shuffled together."""
-    rng = random.Random(seed)
-    key = []
-    for a, b in pairs_of_models:
-        for i in rng.sample(range(len(prompts)), min(n_pairs, len(prompts))):
-            left, right = (a, b) if rng.random() < 0.5 else (b, a)
-            key.append(dict(prompt_idx=i, image=rng.randrange(k), prompt=prompts[i], a=a, b=b, left=left, right=right))
-    rng.shuffle(key)
-    for n, row in enumerate(key):
-        row["id"] = f"q{n:04d}"  # ids say nothing about the models
-    kit_id = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+def kit_hash(key: dict) -> str:
+    """The kit id: a hash of everything the key says (criteria, comparisons, every pair's models, sides, images), so
+    a key edited after the kit was sent (sides swapped, say) no longer matches the raters' files."""
+    content = {k: key[k] for k in ("criteria", "comparisons", "pairs")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
-    def data_uri(model: str, row: dict) -> str:
+
+def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str, str]], arms: dict[str, list[str]],
+                      k: int, n_pairs: int, seed: int, criteria: tuple[str, ...] = ("appeal", "alignment", "overall"),
+                      attention_checks: int = 2, pixelated: bool = False) -> Path:
+    """rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
+    asked every criterion), and rating_kit/key.json (the truth; its kit_id is a hash of its content).
+    Per comparison (A, B): n_pairs distinct prompts, each with a random image j of a random run (seed) of each arm,
+    plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question)."""
+    rng = random.Random(seed)
+    pairs, pages = [], []
+    for c, (a, b) in enumerate(comparisons):
+        page, rows = f"page_{c + 1:02d}", []
+        for i in rng.sample(range(len(prompts)), min(n_pairs, len(prompts))):
+            j, run_a, run_b = rng.randrange(k), rng.choice(arms[a]), rng.choice(arms[b])
+            left, right = (run_a, run_b) if rng.random() < 0.5 else (run_b, run_a)
+            rows.append(dict(page=page, prompt_idx=i, image=j, prompt=prompts[i], a=a, b=b, left=left, right=right,
+                             check=False))
+        for _ in range(attention_checks):
+            i, run = rng.randrange(len(prompts)), rng.choice(arms[rng.choice((a, b))])
+            rows.append(dict(page=page, prompt_idx=i, image=rng.randrange(k), prompt=prompts[i], a=a, b=b, left=run,
+                             right=run, check=True))
+        rng.shuffle(rows)
+        for n, row in enumerate(rows):
+            row["id"] = f"{page}-q{n:03d}"  # ids say nothing about the models
+        pairs += rows
+        pages.append(dict(page=page, a=a, b=b))
+    key = dict(criteria=list(criteria), comparisons=[list(c) for c in comparisons], pages=pages, pairs=pairs)
+    key = dict(kit_id=kit_hash(key), **key)
+
+    def data_uri(run: str, row: dict) -> str:
         buf = io.BytesIO()  # JPEG keeps a 100-pair kit of 512 px images near 10 MB; the PNGs stay on disk
-        Image.open(image_path(out, model, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
+        Image.open(image_path(out, run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    page = dict(kit_id=kit_id, pixelated=pixelated, pairs=[dict(id=r["id"], prompt=r["prompt"],
-                left=data_uri(r["left"], r), right=data_uri(r["right"], r)) for r in key])
     kit = out / "rating_kit"
     kit.mkdir(parents=True, exist_ok=True)
     html = (REPO / "common" / "rating_kit.html").read_text()
-    # "<" as \u003c: no prompt text can close the <script> element that holds the JSON
-    (kit / "index.html").write_text(html.replace("__KIT_JSON__", json.dumps(page).replace("<", "\\u003c")))
-    (kit / "key.json").write_text(json.dumps(dict(kit_id=kit_id, comparisons=pairs_of_models, pairs=key), indent=1))
+    for p in pages:
+        page = dict(kit_id=key["kit_id"], page=p["page"], pixelated=pixelated,
+                    questions=[dict(id=c, text=QUESTIONS[c], hide_prompt=c == "appeal") for c in criteria],
+                    pairs=[dict(id=r["id"], prompt=r["prompt"], left=data_uri(r["left"], r),
+                                right=data_uri(r["right"], r)) for r in pairs if r["page"] == p["page"]])
+        # "<" as \u003c: no prompt text can close the <script> element that holds the JSON
+        (kit / f"{p['page']}.html").write_text(html.replace("__KIT_JSON__", json.dumps(page).replace("<", "\\u003c")))
+    (kit / "key.json").write_text(json.dumps(key, indent=1))
     return kit
 
 
-def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: float, n_resamples: int, seed: int) -> dict:
-    """Un-blind every rater's choices with the key. Per comparison (A, B) and pair i, x_i = mean over the raters of
-    1 (A chosen), 1/2 (tie), 0 (B chosen); the win rate mean_i x_i gets a BCa interval over pairs, the sign test
-    counts pairs with x_i > 1/2 against x_i < 1/2, Wilcoxon tests x_i - 1/2; Fleiss' kappa over {A, tie, B}."""
-    key = json.loads(Path(key_path).read_text())
-    pairs = {row["id"]: row for row in key["pairs"]}
-    votes: dict[str, dict[str, float]] = {}  # pair id -> rater -> 1 (A chosen), 1/2 (tie), 0 (B chosen)
-    raters = []
-    for file in rater_files:
+def read_rater_file(file: str, key: dict, pairs: dict) -> dict:
+    """One rater file as the kit saves it, checked: {kit_id, page, rater, choices: {pair id: {criterion: side}}}.
+    Every defect is an error that names the file (a broken or foreign file must never reach the table)."""
+    try:
         record = json.loads(Path(file).read_text())
-        require(record.get("kit_id") == key["kit_id"],
-                f"{file}: kit_id {record.get('kit_id')!r} is not this key's {key['kit_id']!r} (another kit?)")
-        rater = record.get("rater") or Path(file).stem
-        require(rater not in raters, f"{file}: rater {rater!r} appears twice")
-        raters.append(rater)
-        for pid, choice in record["choices"].items():
-            require(pid in pairs and choice in ("left", "right", "tie"), f"{file}: bad choice {pid!r}: {choice!r}")
-            row = pairs[pid]
-            winner = {"left": row["left"], "right": row["right"], "tie": None}[choice]  # un-blinded
-            votes.setdefault(pid, {})[rater] = 0.5 if winner is None else float(winner == row["a"])
-    results = []
-    for a, b in key["comparisons"]:
-        ids = [pid for pid, r in pairs.items() if (r["a"], r["b"]) == (a, b) and pid in votes]
-        x = np.array([np.mean(list(votes[pid].values())) for pid in ids])  # (pairs rated,)
-        if len(x) == 0:
-            continue
-        counts = np.array([[sum(v == c for v in votes[pid].values()) for c in (1.0, 0.5, 0.0)] for pid in ids])
-        wins, ties, losses, p_sign = sign_test(x - 0.5)
-        results.append(dict(a=a, b=b, n_pairs=len(x), n_judgements=int(counts.sum()), win_rate=float(x.mean()),
-                            ci_win=bca_interval(x, confidence, n_resamples, seed), wins=wins, ties=ties,
-                            losses=losses, p_sign=p_sign, p_wilcoxon=wilcoxon_test(x - 0.5),
-                            fleiss_kappa=fleiss_kappa(counts)))
-    return dict(kit_id=key["kit_id"], raters=raters, comparisons=results)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not a rater file the kit saved (unreadable or not JSON: {e})") from None
+    require(isinstance(record, dict), f"{file}: expected a JSON object with kit_id, rater and choices")
+    require(record.get("kit_id") == key["kit_id"],
+            f"{file}: kit_id {record.get('kit_id')!r} is not this key's {key['kit_id']!r} (another kit?)")
+    choices = record.get("choices")
+    require(isinstance(choices, dict), f"{file}: 'choices' is missing or not an object of pair id -> answers")
+    require(len(choices) > 0, f"{file}: no choices (an empty rating file; the ratings table is left as it was)")
+    for pid, answer in choices.items():
+        require(pid in pairs, f"{file}: pair {pid!r} is not in the key")
+        require(isinstance(answer, dict) and set(answer) <= set(key["criteria"]) and
+                all(v in ("left", "right", "tie") for v in answer.values()),
+                f"{file}: pair {pid!r}: expected {{criterion: left|right|tie}} over {key['criteria']}, got {answer!r}")
+    rater = record.get("rater") or Path(file).stem
+    require(isinstance(rater, str), f"{file}: 'rater' must be a name")
+    return dict(rater=rater, choices=choices)
+
+
+def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: float, n_resamples: int, seed: int,
+                   max_attention_failures: int | None = 0) -> dict:
+    """Un-blind every rater's choices with the key. Per criterion, comparison (A, B) and pair i, x_i = mean over the
+    raters of 1 (A chosen), 1/2 (tie), 0 (B chosen); the win rate mean_i x_i gets a BCa interval over pairs, the sign
+    test counts pairs with x_i > 1/2 against x_i < 1/2, Wilcoxon tests x_i - 1/2, Holm runs across every criterion x
+    comparison; Fleiss' kappa over {A, tie, B} per criterion (all comparisons' pairs) and per cell. Attention-check
+    pairs (one image on both sides) must be answered tie: a rater with more wrong answers than
+    max_attention_failures is excluded (None: nobody), and every rater's failures are reported."""
+    key = json.loads(Path(key_path).read_text())
+    require(kit_hash(key) == key.get("kit_id"), f"{key_path}: its content does not hash to its kit_id "
+            f"{key.get('kit_id')!r}: the key was edited after the kit was made; use the key the kit was made with")
+    pairs, criteria = {row["id"]: row for row in key["pairs"]}, key["criteria"]
+    answers: dict[str, dict[str, dict]] = {}  # rater -> pair id -> {criterion: side}
+    for file in rater_files:
+        r = read_rater_file(file, key, pairs)
+        mine = answers.setdefault(r["rater"], {})
+        require(not set(mine) & set(r["choices"]), f"{file}: rater {r['rater']!r} answered these pairs in another "
+                "file too (the same file given twice?)")
+        mine |= r["choices"]
+    failures = {rater: sum(v != "tie" for pid, a in mine.items() if pairs[pid]["check"] for v in a.values())
+                for rater, mine in answers.items()}
+    checks = {rater: sum(len(a) for pid, a in mine.items() if pairs[pid]["check"]) for rater, mine in answers.items()}
+    excluded = [r for r, f in failures.items() if max_attention_failures is not None and f > max_attention_failures]
+    raters = [r for r in answers if r not in excluded]
+    require(raters, f"every rater failed the attention checks ({failures}); nothing to report")
+    results, kappas = [], {}
+    for crit in criteria:
+        votes: dict[str, dict[str, float]] = {}  # pair id -> rater -> 1 (A chosen), 1/2 (tie), 0 (B chosen)
+        for rater in raters:
+            for pid, answer in answers[rater].items():
+                row = pairs[pid]
+                if row["check"] or crit not in answer:
+                    continue
+                run = {"left": row["left"], "right": row["right"], "tie": None}[answer[crit]]  # un-blinded
+                votes.setdefault(pid, {})[rater] = 0.5 if run is None else float(run.partition("_run")[0] == row["a"])
+        all_counts = []
+        for a, b in key["comparisons"]:
+            ids = [pid for pid, r in pairs.items() if (r["a"], r["b"]) == (a, b) and pid in votes]
+            x = np.array([np.mean(list(votes[pid].values())) for pid in ids])  # (pairs rated,)
+            if len(x) == 0:
+                continue
+            counts = np.array([[sum(v == c for v in votes[pid].values()) for c in (1.0, 0.5, 0.0)] for pid in ids])
+            all_counts.append(counts)
+            wins, ties, losses, p_sign = sign_test(x - 0.5)
+            results.append(dict(criterion=crit, a=a, b=b, n_pairs=len(x), n_judgements=int(counts.sum()),
+                                win_rate=float(x.mean()), ci_win=bca_interval(x, confidence, n_resamples, seed),
+                                wins=wins, ties=ties, losses=losses, p_sign=p_sign, p_wilcoxon=wilcoxon_test(x - 0.5),
+                                fleiss_kappa=fleiss_kappa(counts)))
+        kappas[crit] = fleiss_kappa(np.concatenate(all_counts)) if all_counts else math.nan
+    for test in ("p_sign", "p_wilcoxon"):
+        for c, adjusted in zip(results, holm([c[test] for c in results])):
+            c[test + "_holm"] = adjusted
+    return dict(kit_id=key["kit_id"], criteria=criteria, raters=raters, excluded=excluded,
+                attention=dict(failures=failures, checks=checks, max_failures=max_attention_failures),
+                fleiss_kappa=kappas, comparisons=results)
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -438,14 +619,53 @@ def fmt(x: float, ci=None) -> str:
     return f"{x:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci is not None else "")
 
 
-def report_markdown(results: dict) -> str:
-    pct = f"{results['confidence']:.0%}"
+def summary_table(results: dict, against: tuple[str, ...]) -> list[str]:
+    """The table that answers a study's question: per arm, each metric's mean over its seeds [interval], FID / KID /
+    IS [interval], and its win rate against each model in `against` per metric, with the Holm-adjusted p."""
+    pct, metrics = f"{results['confidence']:.0%}", list(results["comparisons"][0]["metrics"])
+    cells = {(c["a"], c["b"]): (c["metrics"], False) for c in results["comparisons"]}
+    cells |= {(c["b"], c["a"]): (c["metrics"], True) for c in results["comparisons"]}  # read B's side of "A vs B"
+    sets = [s for s in ("fid", "kid", "is") if results["models"][results["baseline"]].get(s) is not None]
+    against = [x for x in against if x in results["models"]]
+    head = ["arm", "seeds"] + [f"{m} mean" for m in metrics] + [s.upper() for s in sets] + \
+        [f"{m} win vs {x} (Holm p)" for x in against for m in metrics]
+    lines = [f"## Summary: per arm, the mean over seeds [{pct} interval]; win rate [{pct} interval] (Holm-adjusted "
+             "Wilcoxon p over every comparison x metric)", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for arm, info in results["models"].items():
+        row = [arm, str(info["n_runs"])]
+        for m in metrics:
+            own = next(((s, flip) for (a, b), (s, flip) in cells.items() if a == arm), None)
+            s, flip = own[0][m], own[1]
+            row.append(fmt(s["mean_b"], s["ci_b"]) if flip else fmt(s["mean_a"], s["ci_a"]))
+        row += [fmt(info[s], info["ci_" + s]) for s in sets]
+        for x in against:
+            for m in metrics:
+                if x == arm:
+                    row.append("-")
+                    continue
+                s, flip = cells[(arm, x)][0][m], cells[(arm, x)][1]
+                win, ci = (1 - s["win_rate"], (1 - s["ci_win"][1], 1 - s["ci_win"][0])) if flip else \
+                    (s["win_rate"], s["ci_win"])
+                row.append(f"{fmt(win, ci)} ({s['p_wilcoxon_holm']:.2g})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
+    pct, m_total = f"{results['confidence']:.0%}", sum(len(c["metrics"]) for c in results["comparisons"])
     lines = [f"# Evaluation: {results['n_prompts']} prompts x {results['images_per_prompt']} images, seed "
-             f"{results['seed']}", "", f"Intervals: {pct} BCa bootstrap over prompts. p-values two-sided; Holm-"
-             "adjusted across the metrics of each comparison in parentheses.", ""]
+             f"{results['seed']}, DDIM {results['sample_steps']} steps, η {results['eta']:g}", ""]
+    if results["warnings"]:
+        lines += ["**Warnings**", ""] + [f"- {w}" for w in results["warnings"]] + [""]
+    lines += summary_table(results, (results["baseline"], *against))
+    lines += [f"Intervals: {pct}; an arm of one run: BCa bootstrap over prompts; of several runs (seeds): percentile "
+              "bootstrap over seeds and prompts (seeds_comparison). FID / KID / IS: percentile bootstrap over images "
+              f"(and seeds). p-values two-sided; in parentheses Holm-adjusted across all {m_total} comparison x "
+              "metric cells of this report, per test.", ""]
     for c in results["comparisons"]:
         lines += [f"## {c['a']} vs {c['b']}", "", f"| metric | {c['a']} | {c['b']} | difference | {c['a']} win rate "
-                  "| W/T/L | sign p (Holm) | Wilcoxon p (Holm) |", "|---|---|---|---|---|---|---|---|"]
+                  "| W/T/L (prompts) | sign p (Holm) | Wilcoxon p (Holm) |", "|---|---|---|---|---|---|---|---|"]
         for m, s in c["metrics"].items():
             lines.append(f"| {m} | {fmt(s['mean_a'], s['ci_a'])} | {fmt(s['mean_b'], s['ci_b'])} | "
                          f"{fmt(s['diff'], s['ci_diff'])} | {fmt(s['win_rate'], s['ci_win'])} | "
@@ -453,24 +673,32 @@ def report_markdown(results: dict) -> str:
                          f"{s['p_wilcoxon']:.3g} ({s['p_wilcoxon_holm']:.3g}) |")
         lines.append("")
     if results["feature_extractor"]:
-        lines += [f"## Set metrics ({results['feature_extractor']})", "",
-                  "| model | images | FID | KID | IS (mean ± std over 10 splits) |", "|---|---|---|---|---|"]
-        for name, m in results["models"].items():
-            kid = "-" if m.get("kid") is None else f"{m['kid']:.4g}"
-            fid = "-" if m.get("fid") is None else f"{m['fid']:.4g}"
-            lines.append(f"| {name} | {m['n_images']} | {fid} | {kid} | {m['is'][0]:.4g} ± {m['is'][1]:.2g} |")
+        lines += [f"## Set metrics per run ({results['feature_extractor']})", "",
+                  f"| run | images | FID [{pct}] | KID [{pct}] | IS, 1 split [{pct}] | IS (mean ± std over 10 splits) |",
+                  "|---|---|---|---|---|---|"]
+        for name, m in results["runs"].items():
+            cell = lambda s: "-" if m.get(s) is None else fmt(m[s], m["ci_" + s])  # noqa: E731
+            lines.append(f"| {name} | {m['n_images']} | {cell('fid')} | {cell('kid')} | {cell('is')} | "
+                         f"{m['is_splits'][0]:.4g} ± {m['is_splits'][1]:.2g} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def ratings_markdown(r: dict) -> str:
-    lines = [f"# Human ratings: {len(r['raters'])} raters ({', '.join(r['raters'])})", "",
-             "| A vs B | pairs | judgements | A win rate [CI] | W/T/L (pairs) | sign p | Wilcoxon p | Fleiss' kappa |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"# Human ratings: {len(r['raters'])} raters ({', '.join(r['raters'])})", ""]
+    att = r["attention"]
+    lines += ["Attention checks (one image on both sides; every answer should be tie): " + ", ".join(
+        f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" for rater in att["failures"]) +
+        (f"; excluded (more than {att['max_failures']} wrong): {', '.join(r['excluded'])}" if r["excluded"] else ""),
+        "", "Fleiss' kappa per criterion (all comparisons): " + ", ".join(
+        f"{c} {k:.3f}" for c, k in r["fleiss_kappa"].items()), "",
+        "| criterion | A vs B | pairs | judgements | A win rate [CI] | W/T/L (pairs) | sign p (Holm) | Wilcoxon p "
+        "(Holm) | Fleiss' kappa |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r["comparisons"]:
-        lines.append(f"| {c['a']} vs {c['b']} | {c['n_pairs']} | {c['n_judgements']} | "
+        lines.append(f"| {c['criterion']} | {c['a']} vs {c['b']} | {c['n_pairs']} | {c['n_judgements']} | "
                      f"{fmt(c['win_rate'], c['ci_win'])} | {c['wins']}/{c['ties']}/{c['losses']} | "
-                     f"{c['p_sign']:.3g} | {c['p_wilcoxon']:.3g} | {c['fleiss_kappa']:.3f} |")
+                     f"{c['p_sign']:.3g} ({c['p_sign_holm']:.3g}) | {c['p_wilcoxon']:.3g} ({c['p_wilcoxon_holm']:.3g})"
+                     f" | {c['fleiss_kappa']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +714,11 @@ def check_args(args: Args) -> Args:
     require(0 < args.confidence < 1, f"--confidence {args.confidence}: must be in (0, 1)")
     require(args.n_resamples >= 100, f"--n-resamples {args.n_resamples}: BCa needs at least a few hundred")
     require(args.rating_pairs >= 0 and args.grid_rows >= 1, "--rating-pairs must be >= 0 and --grid-rows >= 1")
+    require(args.attention_checks >= 0 and len(args.rating_criteria) >= 1 and
+            len(set(args.rating_criteria)) == len(args.rating_criteria),
+            "--attention-checks must be >= 0 and --rating-criteria a non-empty list without repeats")
+    require(args.set_resamples >= 20 and args.sample_steps >= 1 and args.eta >= 0,
+            "--set-resamples must be >= 20, --sample-steps >= 1 and --eta >= 0")
     require(args.fid_reference is None or args.toy or args.inception_path is not None,
             "--fid-reference needs --inception-path (a local inception-2015-12-05.pt); we never download it")
     require(len(set(args.scorers)) == len(args.scorers), f"--scorers {args.scorers}: a scorer listed twice")
@@ -503,10 +736,63 @@ def check_args(args: Args) -> Args:
     return replace(args, output_dir=args.output_dir or str(default_dir))
 
 
+def parse_candidates(args: Args) -> dict[str, list[Model]]:
+    """{arm: [its runs]}: "base" (the --base-model), then each NAME=PATH[,PATH..] of --candidates. A run of an arm
+    with several seeds is named NAME_runS (its images' folder); an arm of one run keeps the arm's name."""
+    arms = {"base": [Model("base", args.base_model)]}
+    for spec in args.candidates:
+        name, sep, paths = spec.partition("=")
+        require(sep == "=" and re.fullmatch(r"[\w.-]+", name) is not None and "_run" not in name,
+                f"--candidates {spec!r}: expected NAME=PATH[,PATH..], NAME of letters, digits, _ . - (not '_run')")
+        require(name not in arms, f"--candidates: the name {name!r} is given twice (or is 'base')")
+        runs = [p for p in paths.split(",") if p]
+        require(len(runs) >= 1, f"--candidates {spec!r}: no path")
+        arms[name] = [resolve_model(name if len(runs) == 1 else f"{name}_run{s}", p, args.base_model)
+                      for s, p in enumerate(runs)]
+    require(len(arms) >= 2, "--candidates: give at least one model to compare with the base")
+    return arms
+
+
+def arm_set_metrics(runs: list[dict], confidence: float, seed: int) -> dict:
+    """An arm's FID / KID / IS: the mean over its runs (seeds), with a percentile interval from replicates that
+    resample the runs and, inside each, the images (each run's bootstrap replicates `boot_*` of set_metrics)."""
+    rng, tail, out = np.random.default_rng(seed), 100 * (1 - confidence) / 2, {}
+    for name in ("fid", "kid", "is"):
+        if runs[0].get(name) is None:
+            continue
+        out[name] = float(np.mean([r[name] for r in runs]))
+        boot = np.array([r["boot_" + name] for r in runs])  # (S, R)
+        if len(runs) == 1:
+            out["ci_" + name] = runs[0]["ci_" + name]
+            continue
+        pick = rng.integers(len(runs), size=(boot.shape[1], len(runs)))  # (R, S) runs drawn per replicate
+        reps = boot[pick, np.arange(boot.shape[1])[:, None]].mean(axis=1)  # (R,)
+        out["ci_" + name] = tuple(float(q) for q in np.percentile(reps, [tail, 100 - tail]))
+    return out
+
+
+def sample_warnings(results: dict, arms: dict[str, list[Model]], feature_dim: int | None) -> list[str]:
+    """What makes a number in this report unreliable, said in the report rather than left to the reader."""
+    warn, counts = [], {m.name: results["runs"][m.name]["n_images"] for runs in arms.values() for m in runs}
+    if len(set(counts.values())) > 1:
+        warn.append(f"unequal image counts {counts}: FID and KID are biased by the count (FID by O(1/N)); compare "
+                    "only models with equal counts")
+    n = min(counts.values())
+    if feature_dim is not None and n < 2048:
+        warn.append(f"{n} images per model, fewer than 2,048 (Inception's feature dimension): FID's covariance is "
+                    "rank-deficient and the value is biased upward; compare FIDs only at equal counts, and prefer "
+                    "KID (unbiased) or more images")
+    if results["n_prompts"] < 20:
+        warn.append(f"{results['n_prompts']} prompts: the prompt-level tests have little power (Wilcoxon's smallest "
+                    f"two-sided p with n prompts is 2/2^n)")
+    return warn
+
+
 def main(args: Args) -> dict:
     args = check_args(args)
     if args.ingest_ratings:  # ---- un-blind the raters' files; no sampling, no scoring
-        result = ingest_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples, args.seed)
+        result = ingest_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples, args.seed,
+                                args.max_attention_failures)
         out = Path(args.rating_key).parent
         (out / "ratings.json").write_text(json.dumps(result, indent=1) + "\n")
         (out / "ratings.md").write_text(ratings_markdown(result))
@@ -515,25 +801,20 @@ def main(args: Args) -> dict:
 
     dist = setup_distributed()
     out = Path(args.output_dir)
-    models = [Model("base", args.base_model)]
-    for spec in args.candidates:
-        name, sep, path = spec.partition("=")
-        require(sep == "=" and re.fullmatch(r"[\w.-]+", name) is not None,
-                f"--candidates {spec!r}: expected NAME=PATH, NAME of letters, digits, _ . -")
-        models.append(resolve_model(name, path, args.base_model))
-    names = [m.name for m in models]
-    require(len(models) >= 2 and len(set(names)) == len(names), f"--candidates: unique names besides base: {names}")
-    require(args.baseline in names, f"--baseline {args.baseline!r}: not one of {names}")
+    arms = parse_candidates(args)
+    require(args.baseline in arms, f"--baseline {args.baseline!r}: not one of {list(arms)}")
+    models = [m for runs in arms.values() for m in runs]
     prompts = load_prompts(args.prompts)[: args.max_prompts]
     n, k = len(prompts), args.images_per_prompt
     require(n >= 2, f"--prompts {args.prompts}: {n} prompt(s); the statistics need at least 2")
-    others = [m for m in names if m != args.baseline]
+    others = [a for a in arms if a != args.baseline]
     comparisons = [(c, args.baseline) for c in others] + list(itertools.combinations(others, 2))
     if dist.is_main:
         write_args(out, args)
-        print(f"{len(models)} models x {n} prompts x {k} images = {len(models) * n * k} images ({dist.world_size} "
-              f"process(es), {args.batch_size} per call); {len(comparisons)} comparisons x {len(args.scorers)} "
-              f"metrics, Holm within each comparison; {args.n_resamples} bootstrap resamples per interval")
+        print(f"{len(models)} models ({len(arms)} arms) x {n} prompts x {k} images = {len(models) * n * k} images "
+              f"({dist.world_size} process(es), {args.batch_size} per call), DDIM {args.sample_steps} steps, η "
+              f"{args.eta:g}; {len(comparisons)} comparisons x {len(args.scorers)} metrics, Holm across all "
+              f"{len(comparisons) * len(args.scorers)}; {args.n_resamples} bootstrap resamples per interval")
         for m in models:
             print(f"  {m.name}: {m.pipeline}" + (f" + UNet {m.unet}" if m.unet else "")
                   + (f" + LoRA {m.lora}" if m.lora else ""))
@@ -543,8 +824,8 @@ def main(args: Args) -> dict:
     todo = {}  # model -> this rank's missing (i, j), listed by every rank before any rank writes an image
     for model in models:
         stamp = out / "images" / model.name / "generation.json"
-        record = dict(model=vars(model), seed=args.seed, steps=args.num_inference_steps, guidance=args.guidance_scale,
-                      resolution=args.resolution, mixed_precision=args.mixed_precision)
+        record = dict(model=vars(model), seed=args.seed, steps=args.sample_steps, eta=args.eta,
+                      guidance=args.guidance_scale, resolution=args.resolution, mixed_precision=args.mixed_precision)
         require(not stamp.exists() or json.loads(stamp.read_text()) == record,
                 f"{stamp.parent}: drawn with other settings than now; use a new --output-dir")
         missing = [(i, j) for i in range(n) for j in range(k) if not image_path(out, model.name, i, j).exists()]
@@ -553,14 +834,17 @@ def main(args: Args) -> dict:
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(json.dumps(record) + "\n")
     barrier()
+    from diffusers import DDIMScheduler
+
     for model in [m for m in models if todo[m]]:
         pipe = load_pipeline(model, dtype, dist.device)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # every model on one sampler, with η
         for start in tqdm(range(0, len(todo[model]), args.batch_size), desc=f"sampling {model.name}",
                           disable=not dist.is_main):
             batch = todo[model][start : start + args.batch_size]
             # CPU generators: the same initial noise on any GPU or CPU, so images are comparable across machines.
             generators = [torch.Generator().manual_seed(args.seed + i + 100_000 * j) for i, j in batch]
-            images = pipe([prompts[i] for i, _ in batch], num_inference_steps=args.num_inference_steps,
+            images = pipe([prompts[i] for i, _ in batch], num_inference_steps=args.sample_steps, eta=args.eta,
                           guidance_scale=args.guidance_scale, generator=generators, height=args.resolution,
                           width=args.resolution).images
             for (i, j), image in zip(batch, images):  # write-then-rename: a killed run leaves no half-written PNG
@@ -579,10 +863,12 @@ def main(args: Args) -> dict:
                               batch_size=args.batch_size) for s in args.scorers}
     embed, feature_extractor = load_embedder(args, dist.device) if args.toy or args.inception_path else (None, None)
     ref = reference_stats(args.fid_reference, embed, args.batch_size, out) if embed and args.fid_reference else None
-    scores = {m: {s: np.zeros((n, k)) for s in scorers} for m in names}  # model -> metric -> (n, k)
-    results = dict(n_prompts=n, images_per_prompt=k, seed=args.seed, confidence=args.confidence,
-                   feature_extractor=feature_extractor, models={}, comparisons=[])
+    scores = {m.name: {s: np.zeros((n, k)) for s in scorers} for m in models}  # run -> metric -> (n, k)
+    results = dict(n_prompts=n, images_per_prompt=k, seed=args.seed, sample_steps=args.sample_steps, eta=args.eta,
+                   confidence=args.confidence, feature_extractor=feature_extractor, baseline=args.baseline,
+                   arms={a: [m.name for m in runs] for a, runs in arms.items()}, runs={}, models={}, comparisons=[])
     items = [(i, j) for i in range(n) for j in range(k)]
+    feature_dim = None
     for model in models:
         feats, probs = [], []
         for start in tqdm(range(0, len(items), args.batch_size), desc=f"scoring {model.name}"):
@@ -600,38 +886,50 @@ def main(args: Args) -> dict:
         entry = dict(source=vars(model), n_images=len(items),
                      per_image={s: v.tolist() for s, v in scores[model.name].items()})  # (n, k) per metric
         if embed:
-            entry["is"] = inception_score(np.concatenate(probs))
-        if ref is not None:
-            entry["fid"], entry["kid"] = fid_kid(np.concatenate(feats), ref, args.seed)
-        results["models"][model.name] = entry
+            feats, probs = np.concatenate(feats), np.concatenate(probs)
+            feature_dim = feats.shape[1]
+            entry |= set_metrics(feats, probs, ref, args.confidence, args.set_resamples, args.seed)
+            entry["is_splits"] = inception_score(probs)  # (mean, std) over 10 splits, as Salimans et al. report
+        results["runs"][model.name] = entry
+    for arm, runs in arms.items():  # an arm's numbers: the mean over its runs, intervals over seeds and images
+        results["models"][arm] = dict(n_runs=len(runs), n_images=len(items),
+                                      **arm_set_metrics([results["runs"][m.name] for m in runs], args.confidence,
+                                                        args.seed))
+    for entry in results["runs"].values():
+        for name in ("fid", "kid", "is"):
+            entry.pop("boot_" + name, None)
 
-    # ---- 3. compare: candidates against the baseline, then the candidates pairwise; Holm within a comparison
+    # ---- 3. compare: candidates against the baseline, then pairwise; Holm across every comparison x metric
+    stack = lambda arm, s: np.stack([scores[m.name][s] for m in arms[arm]])  # noqa: E731  (S, n, k)
     for a, b in comparisons:
-        metrics = {s: paired_comparison(scores[a][s], scores[b][s], args.confidence, args.n_resamples, args.seed)
+        metrics = {s: compare(stack(a, s), stack(b, s), args.confidence, args.n_resamples, args.seed)
                    for s in scorers}
-        for test in ("p_sign", "p_wilcoxon"):
-            for s, adjusted in zip(metrics, holm([metrics[s][test] for s in metrics])):
-                metrics[s][test + "_holm"] = adjusted
         entry = dict(a=a, b=b, metrics=metrics)
         if ref is not None:  # FID falls with the sample count (its bias is O(1/N)): compare equal counts only
-            ma, mb = results["models"][a], results["models"][b]
-            assert ma["n_images"] == mb["n_images"], f"FID of {a} and {b} from different sample counts"
-            entry["fid_diff"] = ma["fid"] - mb["fid"]
+            entry["fid_diff"] = results["models"][a]["fid"] - results["models"][b]["fid"]
         results["comparisons"].append(entry)
+    holm_across(results["comparisons"])
+    results["warnings"] = sample_warnings(results, arms, feature_dim)
 
-    # ---- 4. write results.json, report.md, grid.png (rows: prompt, seed; columns: baseline | candidates), the kit
+    # ---- 4. write results.json, report.md, grid.png (rows: prompt; columns: every run, named), the kit
     (out / "results.json").write_text(json.dumps(dict(args=json.loads((out / "args.json").read_text()), **results),
                                                  indent=1) + "\n")
-    report = report_markdown(results)
+    report = report_markdown(results, args.summary_against)
     (out / "report.md").write_text(report)
-    order, rows = [args.baseline] + others, range(min(args.grid_rows, n))
+    order, rows = [m.name for m in models], range(min(args.grid_rows, n))
     tiles = [Image.open(image_path(out, m, i, 0)).convert("RGB") for i in rows for m in order]
     side = min(tiles[0].width, 256)
-    save_image_grid([t.resize((side, side)) for t in tiles], out / "grid.png", nrow=len(order),
-                    captions=[f"{m}: {prompts[i]}" for i in rows for m in order], upscale=max(1, 128 // side))
+    first = next(iter(scorers))  # each tile's score: the first scorer's, of that image
+    headers = [Image.new("RGB", (side, max(4, side // 8)), "white") for _ in order]
+    captions = order + [(f"{prompts[i]}: " if c == 0 else "") + f"{first} {scores[m][first][i, 0]:.3g}"
+                        for i in rows for c, m in enumerate(order)]
+    save_image_grid(headers + [t.resize((side, side)) for t in tiles], out / "grid.png", nrow=len(order),
+                    captions=captions, upscale=max(1, 128 // side))
     if args.rating_pairs:
-        kit = export_rating_kit(out, prompts, comparisons, k, args.rating_pairs, args.seed, pixelated=side < 128)
-        print(f"rating kit: send {kit / 'index.html'} to the raters, keep {kit / 'key.json'}; then run\n"
+        kit = export_rating_kit(out, prompts, comparisons, {a: [m.name for m in r] for a, r in arms.items()}, k,
+                                args.rating_pairs, args.seed, args.rating_criteria, args.attention_checks,
+                                pixelated=side < 128)
+        print(f"rating kit: send the pages in {kit} (page_*.html) to the raters, keep {kit / 'key.json'}; then run\n"
               f"  python evaluate.py --ingest-ratings <their files> --rating-key {kit / 'key.json'}")
     print(report + f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'grid.png'}")
     cleanup_distributed()

@@ -57,6 +57,15 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square")
 PROMPTS = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in BACKGROUNDS]
+# The held-out split (evaluate.py --toy and benchmarks/study.py): half of the prompts, every colour, shape and background
+# on both sides, chosen by the parity of (colour, shape, background) indices. The study trains on TRAIN_PROMPTS only
+# (its copy of the toy ImageRewardDB keeps their rows) and evaluates on HELDOUT_PROMPTS, as a real study trains on
+# Pick-a-Pic or ImageRewardDB captions and evaluates on PartiPrompts. The lists are also tracked as text files,
+# common/toy_prompts_{train,heldout}.txt, so they can be passed as --prompts (tests/test_toy.py keeps them equal).
+HELDOUT_PROMPTS = [f"a {c} {s} on a {b} background" for i, c in enumerate(COLORS) for j, s in enumerate(SHAPES)
+                   for k, b in enumerate(BACKGROUNDS) if (i + j + k) % 2 == 1]
+TRAIN_PROMPTS = [p for p in PROMPTS if p not in HELDOUT_PROMPTS]
+PROMPT_FILES = {split: Path(__file__).resolve().parent / f"toy_prompts_{split}.txt" for split in ("train", "heldout")}
 
 
 @dataclass(frozen=True)

@@ -137,3 +137,13 @@ def test_world_is_cached_not_rebuilt(world):
     before = stamp.stat().st_mtime_ns
     again = toy.toy_world(world.root)
     assert again.root == world.root and stamp.stat().st_mtime_ns == before
+
+
+def test_heldout_split_is_disjoint_covers_the_vocabulary_and_matches_its_files():
+    train, heldout = set(toy.TRAIN_PROMPTS), set(toy.HELDOUT_PROMPTS)
+    assert not train & heldout and train | heldout == set(toy.PROMPTS) and len(heldout) == 12
+    for side in (train, heldout):  # every colour, shape and background is seen on both sides of the split
+        words = {w for p in side for w in toy.parse_prompt(p)}
+        assert words == set(toy.COLORS) | set(toy.SHAPES) | set(toy.BACKGROUNDS)
+    for split, prompts in (("train", toy.TRAIN_PROMPTS), ("heldout", toy.HELDOUT_PROMPTS)):
+        assert toy.PROMPT_FILES[split].read_text().splitlines() == prompts
