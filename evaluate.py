@@ -331,32 +331,49 @@ def fid_kid(feats: np.ndarray, ref: dict, seed: int) -> tuple[float, float | Non
 
 def set_metrics(feats: np.ndarray | None, probs: np.ndarray, ref: dict | None, confidence: float, n_resamples: int,
                 seed: int) -> dict:
-    """FID, KID (with a reference) and IS of one sample of images, each with a percentile bootstrap interval over the
-    images: resample the N images with replacement, recompute the metric, take the (1-c)/2 and (1+c)/2 quantiles.
-    The reference set is held fixed (its own sampling error is not in the interval). IS is also computed with one
-    split per replicate: the 10-split mean of `inception_score` has splits of N/10 images, which at N = 96 (the toy)
-    are too few for p(y). A resample repeats images, which lowers the sample's spread, so FID's replicates sit above
-    the point estimate: the interval says how much the number moves with the images drawn, not where it is unbiased.
+    """FID, KID (with a reference) and IS of one sample of images, each with a bias-corrected percentile bootstrap
+    interval over the images: resample the N images with replacement, recompute the metric theta*, and report
+        [q_(1-c)/2(theta*) - b,  q_(1+c)/2(theta*) - b],   b = mean(theta*) - theta   (clipped at 0 for FID and KID)
+    The shift b because a resample repeats images, which shrinks the sample's spread and moves every FID replicate
+    upward by more than its spread (the plain percentile interval would then exclude the estimate itself). The
+    reference set is held fixed (its own sampling error is not in the interval). IS is computed with one split (all
+    N images): the 10-split mean of `inception_score` has splits of N/10 images, too few for p(y) at N = 96 (the toy).
+    KID's replicates are the unbiased MMD^2 of the whole resample, from kernel matrices computed once (clean-fid's
+    point estimate averages 100 random subsets; both estimate the same MMD^2, and the shift b aligns them).
+    `boot_*` keeps the shifted replicates, for arm_set_metrics.
     """
     rng = np.random.default_rng(seed)
     point, reps = {"is": inception_score(probs, splits=1)[0]}, {"is": []}
     if ref is not None:
         point["fid"], point["kid"] = fid_kid(feats, ref, seed)
         reps["fid"], reps["kid"] = [], []
+        if point["kid"] is not None:  # KID's replicates from kernel matrices computed once: O(N^2) per resample
+            d = feats.shape[1]
+            k_xx = (feats @ feats.T / d + 1) ** 3  # clean-fid's polynomial kernel, (N, N)
+            k_xy = ((feats @ ref["feats"].T / d + 1) ** 3).mean(axis=1)  # (N,) each image's mean kernel to the ref
+            k_yy = (ref["feats"] @ ref["feats"].T / d + 1) ** 3
+            m = len(k_yy)
+            yy = (k_yy.sum() - np.trace(k_yy)) / (m * (m - 1))
     for r in range(n_resamples):
         idx = rng.integers(len(probs), size=len(probs))  # (N,)
         reps["is"].append(inception_score(probs[idx], splits=1)[0])
         if ref is not None:
-            fid, kid = fid_kid(feats[idx], ref, seed + r)
-            reps["fid"].append(fid)
-            reps["kid"].append(kid)
+            reps["fid"].append(fid_kid(feats[idx], {"mu": ref["mu"], "sigma": ref["sigma"]}, seed)[0])
+            if point["kid"] is not None:  # unbiased MMD^2 of the resample (its off-diagonal pairs) to the reference
+                n, sub = len(idx), k_xx[np.ix_(idx, idx)]
+                reps["kid"].append((sub.sum() - np.trace(sub)) / (n * (n - 1)) + yy - 2 * k_xy[idx].mean())
     tail = 100 * (1 - confidence) / 2
     out = {}
     for name, value in point.items():
-        values = [v for v in reps[name] if v is not None]
+        values = np.array([v for v in reps[name] if v is not None])
         out[name] = value
-        out["ci_" + name] = tuple(float(q) for q in np.percentile(values, [tail, 100 - tail])) if values else None
-        out["boot_" + name] = values  # kept: an arm of several seeds resamples these per seed
+        if value is None or not len(values):
+            out["ci_" + name], out["boot_" + name] = None, []
+            continue
+        low = 0.0 if name in ("fid", "kid") else -math.inf
+        shifted = np.maximum(values - (values.mean() - value), low)  # (R,) replicates less their bias
+        out["ci_" + name] = tuple(float(q) for q in np.percentile(shifted, [tail, 100 - tail]))
+        out["boot_" + name] = shifted.tolist()  # kept: an arm of several seeds resamples these per seed
     return out
 
 
@@ -754,8 +771,8 @@ def parse_candidates(args: Args) -> dict[str, list[Model]]:
 
 
 def arm_set_metrics(runs: list[dict], confidence: float, seed: int) -> dict:
-    """An arm's FID / KID / IS: the mean over its runs (seeds), with a percentile interval from replicates that
-    resample the runs and, inside each, the images (each run's bootstrap replicates `boot_*` of set_metrics)."""
+    """An arm's FID / KID / IS: the mean over its runs (seeds), with an interval from replicates that resample the
+    runs and, inside each, the images (each run's bias-corrected bootstrap replicates `boot_*` of set_metrics)."""
     rng, tail, out = np.random.default_rng(seed), 100 * (1 - confidence) / 2, {}
     for name in ("fid", "kid", "is"):
         if runs[0].get(name) is None:

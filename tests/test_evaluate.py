@@ -86,6 +86,74 @@ def test_holm_against_hand_computed_values():
     assert evaluate.holm([0.02]) == pytest.approx([0.02])
 
 
+def _hand_holm(p: list[float]) -> list[float]:
+    """Holm by its definition, written independently of evaluate.holm: rank r_j (1-based, ties by position), then
+    p~_i = max over the hypotheses j ranked at or before i of min(1, (M - r_j + 1) p_j)."""
+    m = len(p)
+    rank = {j: r + 1 for r, j in enumerate(sorted(range(m), key=lambda j: (p[j], j)))}
+    return [max(min(1.0, (m - rank[j] + 1) * p[j]) for j in range(m) if rank[j] <= rank[i]) for i in range(m)]
+
+
+def test_holm_runs_across_every_comparison_and_metric():
+    # Base and three candidates, two metrics, 30 prompts. True effects: "good" beats base on both metrics and "half"
+    # on metric m0 only (4 true effects among the 12 comparison x metric cells, counting their mirror pairs).
+    rng = np.random.default_rng(0)
+    n, k = 30, 2
+    noise = lambda: rng.normal(0, 1, (1, n, k))  # noqa: E731
+    shift = {"base": (0, 0), "good": (1.5, 1.5), "half": (1.5, 0), "null": (0, 0)}
+    scores = {a: {m: noise() + shift[a][i] for i, m in enumerate(("m0", "m1"))} for a in shift}
+    pairs = [("good", "base"), ("half", "base"), ("null", "base"), ("good", "half"), ("good", "null"), ("half", "null")]
+    comparisons = [dict(a=a, b=b, metrics={m: evaluate.compare(scores[a][m], scores[b][m], 0.95, 200, 0)
+                                            for m in ("m0", "m1")}) for a, b in pairs]
+    evaluate.holm_across(comparisons)
+    cells = [s for c in comparisons for s in c["metrics"].values()]
+    for test in ("p_sign", "p_wilcoxon"):
+        raw = [s[test] for s in cells]
+        assert [s[test + "_holm"] for s in cells] == pytest.approx(_hand_holm(raw))  # one family of all 12 cells
+        within = [evaluate.holm([c["metrics"][m][test] for m in ("m0", "m1")]) for c in comparisons]
+        assert [s[test + "_holm"] for s in cells] != pytest.approx([p for w in within for p in w])
+    truth = {("good", "base", "m0"), ("good", "base", "m1"), ("half", "base", "m0"), ("good", "half", "m1"),
+             ("half", "null", "m0"), ("good", "null", "m0"), ("good", "null", "m1")}
+    found = {(c["a"], c["b"], m) for c in comparisons for m, s in c["metrics"].items() if s["p_wilcoxon_holm"] < 0.05}
+    assert found == truth
+
+
+def test_seeds_as_units_widen_the_interval_when_seeds_disagree():
+    rng = np.random.default_rng(1)
+    n, k = 24, 2
+    base = rng.normal(0, 1, (1, n, k))
+    common = base + 0.5 + rng.normal(0, 0.3, (1, n, k))  # a real effect of 0.5, the same in every seed
+    agree = np.concatenate([common + rng.normal(0, 0.05, (1, n, k)) for _ in range(3)])  # (3, n, k)
+    disagree = np.concatenate([common + offset for offset in (-1.0, 0.0, 1.0)])  # the same mean effect
+    a = evaluate.compare(agree, base, 0.95, 2000, 0)
+    d = evaluate.compare(disagree, base, 0.95, 2000, 0)
+    assert a["diff"] == pytest.approx(d["diff"], abs=0.05) and a["seeds_a"] == 3 and d["seeds_b"] == 1
+    width = lambda s, key: s[key][1] - s[key][0]  # noqa: E731
+    assert width(d, "ci_diff") > 3 * width(a, "ci_diff") and width(d, "ci_a") > 3 * width(a, "ci_a")
+    assert a["ci_diff"][0] > 0  # seeds that agree: the effect is resolved
+    assert d["ci_diff"][0] < 0 < d["ci_diff"][1]  # seeds that disagree: the interval covers 0
+    # the win rate is the mean over seeds of each seed's win rate over prompts
+    per_seed = [((disagree[s].mean(1) > base[0].mean(1)).mean()) for s in range(3)]
+    assert d["win_rate"] == pytest.approx(np.mean(per_seed))
+    one = evaluate.compare(agree[:1], base, 0.95, 2000, 0)  # one run each: the prompt-level BCa path
+    assert one["interval"].startswith("BCa") and one == {**evaluate.paired_comparison(agree[0], base[0], 0.95, 2000, 0),
+                                                        "seeds_a": 1, "seeds_b": 1, "interval": one["interval"]}
+
+
+def test_set_metric_intervals_cover_and_separate():
+    rng = np.random.default_rng(2)
+    ref_feats = rng.normal(size=(400, 8))
+    ref = dict(mu=ref_feats.mean(0), sigma=np.cov(ref_feats, rowvar=False), feats=ref_feats)
+    probs = rng.dirichlet(np.ones(5) * 0.3, size=200)  # (200, 5)
+    same = evaluate.set_metrics(rng.normal(size=(200, 8)), probs, ref, 0.9, 60, 0)
+    shifted = evaluate.set_metrics(rng.normal(size=(200, 8)) + 0.7, probs, ref, 0.9, 60, 0)
+    for s in (same, shifted):
+        assert s["ci_fid"][0] <= s["fid"] <= s["ci_fid"][1] and s["ci_is"][0] <= s["is"] <= s["ci_is"][1]
+        assert len(s["boot_fid"]) == 60 and s["ci_kid"] is not None
+    assert shifted["ci_fid"][0] > same["ci_fid"][1] and shifted["ci_kid"][0] > same["ci_kid"][1]
+    assert same["is"] == pytest.approx(evaluate.inception_score(probs, splits=1)[0])
+
+
 def test_fleiss_kappa_wikipedia_example():
     # https://en.wikipedia.org/wiki/Fleiss%27_kappa worked example: 10 items, 14 raters, 5 categories -> 0.210
     counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
@@ -186,31 +254,95 @@ def _fake_run(out: Path, models: list[str], n: int, k: int, seed: int = 0) -> di
     return radius
 
 
-def test_ingest_ratings_unblinds_and_measures_agreement(tmp_path):
-    models = ["modelAlpha", "modelBeta"]
-    _fake_run(tmp_path, models, n=10, k=1)
-    kit = evaluate.export_rating_kit(tmp_path, PROMPTS[:10], [("modelBeta", "modelAlpha")], 1, 10, seed=3)
-    key = json.loads((kit / "key.json").read_text())
-    # Two raters who agree on every pair (kappa 1): modelBeta, tie, modelAlpha, modelBeta, ... by pair number,
-    # whichever side the model was shown on.
+def _hand_kappa(labels: list[list[str]]) -> float:
+    """Fleiss' kappa from each item's list of labels, by the textbook formulas (independent of evaluate's)."""
+    cats = sorted({c for item in labels for c in item})
+    n = len(labels[0])
+    p_i = [(sum(item.count(c) ** 2 for c in cats) - n) / (n * (n - 1)) for item in labels]
+    p_c = [sum(item.count(c) for item in labels) / (n * len(labels)) for c in cats]
+    p_e = sum(p * p for p in p_c)
+    return (sum(p_i) / len(p_i) - p_e) / (1 - p_e)
+
+
+def _kit(tmp_path, n=10, checks=2):
+    _fake_run(tmp_path, ["modelAlpha", "modelBeta"], n=n, k=1)
+    arms = {"modelBeta": ["modelBeta"], "modelAlpha": ["modelAlpha"]}
+    kit = evaluate.export_rating_kit(tmp_path, PROMPTS[:n], [("modelBeta", "modelAlpha")], arms, 1, n, seed=3,
+                                     attention_checks=checks)
+    return kit, json.loads((kit / "key.json").read_text())
+
+
+def test_ingest_ratings_per_criterion_attention_checks_and_kappa(tmp_path):
+    kit, key = _kit(tmp_path)
+    assert [p.name for p in sorted(kit.glob("*.html"))] == ["page_01.html"] and key["criteria"] == \
+        ["appeal", "alignment", "overall"]
     side = lambda p, model: "left" if p["left"] == model else "right"  # noqa: E731
-    for name in ("r1", "r2"):
-        choices = {p["id"]: [side(p, "modelBeta"), "tie", side(p, "modelAlpha")][int(p["id"][1:]) % 3]
-                   for p in key["pairs"]}
-        (tmp_path / f"{name}.json").write_text(json.dumps(dict(kit_id=key["kit_id"], rater=name, choices=choices)))
-    files = [str(tmp_path / "r1.json"), str(tmp_path / "r2.json")]
-    r = evaluate.main(evaluate.parse_args(["--ingest-ratings", *files, "--rating-key", str(kit / "key.json"),
-                                           "--n-resamples", "1000"]))
-    assert json.loads((kit / "ratings.json").read_text()) == json.loads(json.dumps(r)) and (kit / "ratings.md").is_file()
-    (c,) = r["comparisons"]
-    assert (c["a"], c["b"], c["n_pairs"], c["n_judgements"]) == ("modelBeta", "modelAlpha", 10, 20)
-    assert c["win_rate"] == pytest.approx((4 * 1 + 3 * 0.5) / 10) and (c["wins"], c["ties"], c["losses"]) == (4, 3, 3)
-    assert c["fleiss_kappa"] == pytest.approx(1.0)
-    assert c["p_sign"] == pytest.approx(scipy.stats.binomtest(4, 7).pvalue)
-    wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps(dict(kit_id="other", rater="x", choices={})))
-    with pytest.raises(ValueError, match="kit_id"):
-        evaluate.ingest_ratings([str(wrong)], str(kit / "key.json"), 0.95, 1000, 0)
+    real = [p for p in key["pairs"] if not p["check"]]
+    assert len(real) == 10 and sum(p["check"] for p in key["pairs"]) == 2
+    # Scripted rules by pair number q: appeal r1 Beta, r2 Beta if q even else tie; alignment both Beta, tie, Alpha
+    # cyclically; overall r1 Beta, r2 Alpha. Attention checks: r1 answers tie, r2 "left" (fails all 3 x 2 answers).
+    def rule(rater, p):
+        q = int(p["id"][-3:])
+        if p["check"]:
+            return {c: "tie" if rater == "r1" else "left" for c in key["criteria"]}
+        return {"appeal": side(p, "modelBeta") if rater == "r1" or q % 2 == 0 else "tie",
+                "alignment": [side(p, "modelBeta"), "tie", side(p, "modelAlpha")][q % 3],
+                "overall": side(p, "modelBeta" if rater == "r1" else "modelAlpha")}
+    files = []
+    for rater in ("r1", "r2"):
+        files.append(tmp_path / f"{rater}.json")
+        files[-1].write_text(json.dumps(dict(kit_id=key["kit_id"], page="page_01", rater=rater,
+                                             choices={p["id"]: rule(rater, p) for p in key["pairs"]})))
+    both = evaluate.ingest_ratings([str(f) for f in files], str(kit / "key.json"), 0.95, 1000, 0,
+                                   max_attention_failures=None)
+    assert both["attention"]["failures"] == {"r1": 0, "r2": 6} and both["excluded"] == []
+    cell = {c["criterion"]: c for c in both["comparisons"]}
+    q = np.array([int(p["id"][-3:]) for p in real])
+    label = lambda p, rater, crit: {"left": p["left"], "right": p["right"], "tie": "tie"}[rule(rater, p)[crit]]  # noqa
+    for crit in key["criteria"]:  # the win rate the rules imply, and kappa by hand over the 10 pairs
+        x = [np.mean([{"modelBeta": 1, "tie": 0.5, "modelAlpha": 0}[label(p, r, crit)] for r in ("r1", "r2")])
+             for p in real]
+        assert cell[crit]["win_rate"] == pytest.approx(np.mean(x)) and cell[crit]["n_judgements"] == 20
+        hand = _hand_kappa([[label(p, r, crit) for r in ("r1", "r2")] for p in real])
+        assert both["fleiss_kappa"][crit] == pytest.approx(hand) and cell[crit]["fleiss_kappa"] == pytest.approx(hand)
+    assert cell["alignment"]["fleiss_kappa"] == pytest.approx(1.0) and cell["overall"]["fleiss_kappa"] < 0
+    assert cell["appeal"]["win_rate"] == pytest.approx((10 + (q % 2 == 0).sum() + 0.5 * (q % 2 == 1).sum()) / 20)
+    # Holm across the 3 criteria x 1 comparison
+    assert [c["p_sign_holm"] for c in both["comparisons"]] == pytest.approx(
+        _hand_holm([c["p_sign"] for c in both["comparisons"]]))
+    # The default excludes a rater who fails any check: r2 goes, and only r1's answers count.
+    strict = evaluate.main(evaluate.parse_args(["--ingest-ratings", *map(str, files), "--rating-key",
+                                                str(kit / "key.json"), "--n-resamples", "1000"]))
+    assert strict["excluded"] == ["r2"] and strict["raters"] == ["r1"]
+    assert {c["criterion"]: c["win_rate"] for c in strict["comparisons"]}["overall"] == pytest.approx(1.0)
+    assert json.loads((kit / "ratings.json").read_text()) == json.loads(json.dumps(strict))
+    assert "r2 6/6 wrong" in (kit / "ratings.md").read_text()
+
+
+def test_ingest_rejects_a_tampered_key_and_broken_rater_files_naming_them(tmp_path):
+    kit, key = _kit(tmp_path, n=4, checks=0)
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(dict(kit_id=key["kit_id"], rater="g", choices={
+        p["id"]: {"overall": "left"} for p in key["pairs"]})))
+    args = ["--rating-key", str(kit / "key.json"), "--n-resamples", "1000"]
+    evaluate.main(evaluate.parse_args(["--ingest-ratings", str(good), *args]))
+    table = (kit / "ratings.json").read_text()
+    broken = {"empty.json": "", "truncated.json": json.dumps(dict(kit_id=key["kit_id"], choices={}))[:-5],
+              "list.json": "[1, 2]", "nochoices.json": json.dumps(dict(kit_id=key["kit_id"], rater="x")),
+              "notadict.json": json.dumps(dict(kit_id=key["kit_id"], rater="x", choices=["left"])),
+              "nothing.json": json.dumps(dict(kit_id=key["kit_id"], rater="x", choices={})),
+              "badanswer.json": json.dumps(dict(kit_id=key["kit_id"], rater="x",
+                                                choices={key["pairs"][0]["id"]: "left"}))}
+    for name, text in broken.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{tmp_path / name}: "):
+            evaluate.main(evaluate.parse_args(["--ingest-ratings", str(tmp_path / name), *args]))
+        assert (kit / "ratings.json").read_text() == table  # the earlier table stands
+    # Swap one pair's sides in the key, kit id kept: the key no longer hashes to its id.
+    key["pairs"][0]["left"], key["pairs"][0]["right"] = key["pairs"][0]["right"], key["pairs"][0]["left"]
+    (kit / "key.json").write_text(json.dumps(key))
+    with pytest.raises(ValueError, match="does not hash to its kit_id"):
+        evaluate.ingest_ratings([str(good)], str(kit / "key.json"), 0.95, 1000, 0)
 
 
 def _browser(download_dir: Path, profile: Path):
@@ -249,52 +381,72 @@ def test_rating_kit_round_trip_in_headless_chromium(tmp_path):
     models = ["modelAlpha", "modelBeta", "modelGamma"]
     radius = _fake_run(tmp_path, models, n=8, k=2)
     comparisons = [("modelBeta", "modelAlpha"), ("modelGamma", "modelAlpha"), ("modelBeta", "modelGamma")]
-    kit = evaluate.export_rating_kit(tmp_path, PROMPTS[:8], comparisons, 2, 6, seed=0, pixelated=True)
-    html = (kit / "index.html").read_text()
-    assert not any(m in html for m in models) and "http" not in html.replace("http-equiv", "")  # blind, offline
+    arms = {m: [m] for m in models}
+    kit = evaluate.export_rating_kit(tmp_path, PROMPTS[:8], comparisons, arms, 2, 4, seed=0, attention_checks=1,
+                                     pixelated=True)
+    pages = sorted(kit.glob("page_*.html"))
+    assert len(pages) == 3
+    for page in pages:
+        html = page.read_text()
+        assert not any(m in html for m in models) and "http" not in html.replace("http-equiv", "")  # blind, offline
     key = json.loads((kit / "key.json").read_text())
+    per_page = len(key["pairs"]) // 3
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     driver = _browser(downloads, Path(tempfile.mkdtemp(prefix="chromium-profile-")))
     try:
-        driver.get((kit / "index.html").as_uri())
-        # Rater "sizer": prefers the bigger shape of the prompt's colour, judged from the pixels shown.
-        for _ in range(len(key["pairs"])):
-            prompt = driver.find_element(By.ID, "prompt").text.strip().strip('"')
-            shown = []
-            for side in ("left", "right"):
-                src = driver.find_element(By.ID, side).get_attribute("src")
-                img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
-                shown.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1))
-            r_left, r_right = toy_reward(torch.stack(shown), [prompt, prompt]).tolist()
-            choice = "tie" if abs(r_left - r_right) < 0.03 else "left" if r_left > r_right else "right"
-            driver.find_element(By.ID, f"choose-{choice}").click()
-        driver.find_element(By.ID, "rater").send_keys("sizer")
-        driver.find_element(By.ID, "save").click()
-        sizer = _wait_for(downloads / "ratings-sizer.json")
-        # Rater "lefty", by keyboard, in a fresh session of the page: always the left image.
-        driver.execute_script("localStorage.clear()")
-        driver.refresh()
-        body = driver.find_element(By.TAG_NAME, "body")
-        for _ in range(len(key["pairs"])):
-            body.send_keys(Keys.ARROW_LEFT)
-        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-index") == str(len(key["pairs"]))
-        driver.find_element(By.ID, "rater").send_keys("lefty")
-        driver.find_element(By.ID, "save").click()
-        lefty = _wait_for(downloads / "ratings-lefty.json")
+        for page in pages:
+            # Rater "sizer": on every question, the bigger shape of the prompt's colour, judged from the pixels shown
+            # (a tie within 0.03: so the attention checks, one image twice, are answered tie).
+            driver.get(page.as_uri())
+            for _ in range(per_page * 3):
+                body = driver.find_element(By.TAG_NAME, "body")
+                question, index = body.get_attribute("data-question"), int(body.get_attribute("data-index"))
+                shown_prompt = driver.find_element(By.ID, "prompt").text.strip().strip('"')
+                prompt = driver.execute_script(f"return kit.pairs[{index}].prompt")
+                assert shown_prompt == ("" if question == "appeal" else prompt)  # appeal: judged without the text
+                shown = []
+                for side in ("left", "right"):
+                    src = driver.find_element(By.ID, side).get_attribute("src")
+                    img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+                    shown.append(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1))
+                r_left, r_right = toy_reward(torch.stack(shown), [prompt, prompt]).tolist()
+                choice = "tie" if abs(r_left - r_right) < 0.03 else "left" if r_left > r_right else "right"
+                driver.find_element(By.ID, f"choose-{choice}").click()
+            driver.find_element(By.ID, "rater").send_keys("sizer")
+            driver.find_element(By.ID, "save").click()
+            _wait_for(downloads / f"ratings-sizer-{page.stem}.json")
+            # Rater "lefty", by keyboard, in a fresh session of the page: always the left image (fails the checks).
+            driver.execute_script("localStorage.clear()")
+            driver.refresh()
+            body = driver.find_element(By.TAG_NAME, "body")
+            for _ in range(per_page * 3):
+                body.send_keys(Keys.ARROW_LEFT)
+            assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-index") == str(per_page)
+            driver.find_element(By.ID, "rater").send_keys("lefty")
+            driver.find_element(By.ID, "save").click()
+            _wait_for(downloads / f"ratings-lefty-{page.stem}.json")
     finally:
         driver.quit()
 
-    r = evaluate.ingest_ratings([str(sizer), str(lefty)], str(kit / "key.json"), 0.95, 1000, 0)
-    assert r["raters"] == ["sizer", "lefty"]
+    files = sorted(str(f) for f in downloads.glob("ratings-*.json"))
+    r = evaluate.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0)  # default: any failed check excludes
+    assert r["excluded"] == ["lefty"] and r["raters"] == ["sizer"]
+    assert r["attention"]["failures"] == {"lefty": 9, "sizer": 0}  # 3 checks x 3 questions, all answered "left"
+    assert len(r["comparisons"]) == 9  # 3 criteria x 3 comparisons
     for c in r["comparisons"]:
-        rows = [p for p in key["pairs"] if (p["a"], p["b"]) == (c["a"], c["b"])]
+        rows = [p for p in key["pairs"] if (p["a"], p["b"]) == (c["a"], c["b"]) and not p["check"]]
         ra = np.array([radius[c["a"], p["prompt_idx"], p["image"]] for p in rows])
         rb = np.array([radius[c["b"], p["prompt_idx"], p["image"]] for p in rows])
-        by_size = (ra > rb) + 0.5 * (ra == rb)  # what the sizer's rule implies, from the models' own files
-        by_side = np.array([p["left"] == c["a"] for p in rows], dtype=float)  # what "always left" implies
-        assert c["n_pairs"] == 6 and c["n_judgements"] == 12
-        assert c["win_rate"] == pytest.approx(np.mean((by_size + by_side) / 2))
+        assert c["n_pairs"] == 4 and c["win_rate"] == pytest.approx(np.mean((ra > rb) + 0.5 * (ra == rb)))
+    both = evaluate.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0, max_attention_failures=None)
+    for crit in key["criteria"]:  # kappa of the two scripted raters, by hand
+        labels = []
+        for p in (p for p in key["pairs"] if not p["check"]):
+            ra, rb = radius[p["a"], p["prompt_idx"], p["image"]], radius[p["b"], p["prompt_idx"], p["image"]]
+            sizer = "a" if ra > rb else "b" if rb > ra else "tie"
+            labels.append([sizer, "a" if p["left"] == p["a"] else "b"])
+        assert both["fleiss_kappa"][crit] == pytest.approx(_hand_kappa(labels))
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -311,11 +463,18 @@ def test_toy_dpo_model_beats_the_base(toy_dpo_run, tmp_path):
     assert (c["a"], c["b"]) == ("dpo", "base")
     assert toy["ci_win"][0] > 0.5 and toy["ci_diff"][0] > 0, toy  # DPO wins, and the interval excludes 50 %
     assert toy["p_wilcoxon_holm"] < 0.05
-    assert set(results["models"]) == {"base", "dpo"} and results["models"]["dpo"]["n_images"] == 24 * 4
+    assert set(results["models"]) == {"base", "dpo"} and results["models"]["dpo"]["n_images"] == 12 * 8
     assert "fid" in results["models"]["dpo"] and "toy stand-in" in results["feature_extractor"]
-    for f in ("report.md", "grid.png", "args.json", "reference_stats.npz", "rating_kit/index.html", "rating_kit/key.json"):
+    dpo = results["models"]["dpo"]
+    assert dpo["ci_fid"][0] <= dpo["fid"] <= dpo["ci_fid"][1] and dpo["ci_is"][0] <= dpo["is"] <= dpo["ci_is"][1]
+    assert any("fewer than 2,048" in w for w in results["warnings"])  # 96 images: FID flagged
+    prompts = (out / "args.json").read_text()
+    assert "toy_prompts_heldout.txt" in prompts  # the held-out split is --toy's default
+    for f in ("report.md", "grid.png", "args.json", "reference_stats.npz", "rating_kit/page_01.html",
+              "rating_kit/key.json"):
         assert (out / f).is_file(), f
-    assert "| toy |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| toy |" in report and "## Summary" in report and "fewer than 2,048" in report
     # Resume: a second run finds every image on disk, draws none, and reports the same numbers.
     stamp = {p: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
     subprocess.run(cmd, check=True, cwd=REPO)
