@@ -630,6 +630,10 @@ def main(args: Args) -> dict:
                             "eval/reward_win_rate": (final > base).float().mean().item(),
                             "eval/reward_pvalue": p_value, "eval/reward_samples": len(prompts),
                             "reward_test": "Wilcoxon signed-rank, two-sided, paired by prompt and seed"})
+        if summary.get("eval/reward_final", math.inf) < summary.get("eval/reward_base", -math.inf):
+            summary["warning"] = (f"the trained model's toy reward is BELOW the base model's "
+                                  f"({summary['eval/reward_final']:.4g} < {summary['eval/reward_base']:.4g})")
+            print(f"WARNING: {summary['warning']}", file=sys.stderr)  # exit 0 either way; say it loudly
         logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"

@@ -141,6 +141,9 @@ class Args:
     """iterations between fixed-seed validation grids and rewards/eval_mean"""
     num_val: int = 8
     """validation images: the first prompts (cycled), image k drawn from its own generator seeded k"""
+    sample_steps: int = 50
+    """DDIM steps (η = 0, evaluate.py's sampler) of the final base-vs-trained comparison in eval.json; the grids and
+    rewards/eval_mean during training use the policy's own sampler (--num-steps, --eta)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """autocast dtype over fp32 master weights (official: fp16); CPUs take 'no' or 'bf16'"""
     gradient_checkpointing: bool = False
@@ -169,7 +172,7 @@ def toy_defaults(prompts_given: bool = False) -> Args:
                 mixed_precision="no", num_steps=5, guidance_scale=5.0, sample_batch=48, buffer_size=240,
                 policy_steps=2, policy_batch=60, grad_accum=2, lr=1e-4, max_grad_norm=1.0, lora_rank=0,
                 value_steps=20, value_batch=64, value_lr=1e-3, iterations=12, checkpoint_every=6, sample_every=6,
-                num_val=48)
+                num_val=48, sample_steps=20)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -595,17 +598,39 @@ def main(args: Args) -> Path:
         else:
             unet.save_pretrained(final_dir)
             load = f'pipe.unet = UNet2DConditionModel.from_pretrained("{final_dir}")'
-        _, final, kl = validate(unet, ref_unet, *evaluation, with_kl=True)
+        _, final_policy, kl = validate(unet, ref_unet, *evaluation, with_kl=True)
+        # The comparison itself with evaluate.py's sampler (DDIM --sample-steps, η = 0, image k seeded k), so that
+        # eval.json and evaluate.py agree on the same model.
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler.from_config(scheduler.config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+
+        @torch.no_grad()
+        def rewards_of(model):  # (num_val,)
+            pipe.unet = model
+            with autocast:
+                images = pipe(val_prompts, num_inference_steps=args.sample_steps, eta=0.0, output_type="pt",
+                              guidance_scale=args.guidance_scale,
+                              generator=[torch.Generator().manual_seed(k) for k in range(len(val_prompts))]).images
+            return scorer(images.float().to(device), val_prompts).float().cpu()
+
+        final = rewards_of(unet)
         with reference_unet(unet, ref_unet) as ref:
-            _, base, _ = validate(ref, None, *evaluation)
-        p_value = scipy.stats.ttest_rel(final.cpu(), base.cpu(), alternative="greater").pvalue  # one-sided, paired
+            base = rewards_of(ref)
+        p_value = scipy.stats.ttest_rel(final, base, alternative="greater").pvalue  # one-sided, paired
         result = dict(reward_base=base.mean().item(), reward_final=final.mean().item(), p_value=float(p_value),
                       kl_final=kl.mean().item(), rewards_base=base.tolist(), rewards_final=final.tolist(),
-                      kl_per_image=kl.tolist(), num_val=args.num_val, iterations=args.iterations)
+                      reward_final_policy_sampler=final_policy.mean().item(), kl_per_image=kl.tolist(),
+                      num_val=args.num_val, iterations=args.iterations, sample_steps=args.sample_steps, eta=0.0)
+        print(f"fixed-seed reward (DDIM {args.sample_steps} steps, η 0): base {result['reward_base']:.4f} -> final "
+              f"{result['reward_final']:.4f} (paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}"
+              f"\nload with: pipe = StableDiffusionPipeline.from_pretrained(\"{args.pretrained}\"); {load}")
+        if result["reward_final"] < result["reward_base"]:  # the run exits 0 either way: say it where it is seen
+            result["warning"] = (f"the trained model's reward is BELOW the base model's ({result['reward_final']:.4g}"
+                                 f" < {result['reward_base']:.4g})")
+            print(f"WARNING: {result['warning']}", file=sys.stderr)
         (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
-        print(f"fixed-seed reward: base {result['reward_base']:.4f} -> final {result['reward_final']:.4f} "
-              f"(paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}\n"
-              f'load with: pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained}"); {load}')
     logger.close()
     runtime.barrier()
     runtime.cleanup_distributed()

@@ -9,22 +9,31 @@ analysis (Diffusion-DPO, DPOK and Pick-a-Pic report win rates over prompts, most
     Delta = (1/n) sum_i d_i                      mean difference, with a BCa bootstrap interval over prompts
     W = (1/n) sum_i (1[d_i > 0] + 1/2 1[d_i = 0])    win rate of A over B (ties count 1/2), BCa interval
     sign test:  #{d_i > 0} ~ Binomial(#{d_i != 0}, 1/2) under H0;   Wilcoxon signed-rank test of the d_i
-    Holm:       p~_(m') = max_{j <= m'} min(1, (M - j + 1) p_(j))  over the M metrics of one comparison
+    Holm:       p~_(m') = max_{j <= m'} min(1, (M - j + 1) p_(j))  over ALL M = comparisons x metrics of the report
+
+A model trained with several seeds is given as NAME=RUN_A,RUN_B,RUN_C: each run samples the same images, its score
+is the mean over runs, and its intervals resample the seeds as well as the prompts (seeds_comparison), so a method
+whose seeds disagree gets a wide interval. The toy default evaluates on held-out prompts the study never trains on.
 
 Scorers r (common/scorers.py): CLIP score 100 max(cos, 0), PickScore, LAION aesthetic, a reward model trained by
 reward_model.py, the toy reward. Set metrics, one number per model (no per-prompt pairing, compared only at equal
 sample counts): FID = ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)) and KID (unbiased MMD^2, cubic kernel)
 on Inception pool features against a reference set, and Inception Score exp(E_x KL(p(y|x) || p(y))), all with
-clean-fid's functions on clean-fid's TorchScript Inception (https://github.com/GaParmar/clean-fid).
+clean-fid's functions on clean-fid's TorchScript Inception (https://github.com/GaParmar/clean-fid), each with a
+bootstrap interval over the images; the report warns when a sample is too small (FID below 2,048 images) or counts
+differ. Every model samples with DDIM (--sample-steps, --eta), the training scripts' toy evaluations likewise.
 
-A double-blind human rating kit is written next to the scores (rating_kit/index.html, rating_kit/key.json) and
-ingested back into win rates with the same intervals and tests, plus Fleiss' kappa across raters.
+A double-blind human rating kit is written next to the scores (rating_kit/page_NN.html, one per comparison, each pair
+asked per criterion: visual appeal with the prompt hidden, prompt alignment, overall preference; attention-check
+pairs; rating_kit/key.json, whose kit id hashes its content) and ingested back into win rates per criterion and
+comparison with the same intervals and tests, Holm across them, and Fleiss' kappa per criterion.
 
 Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX sft=runs/sft-XXXX/final/lora \
         --prompts partiprompts --fid-reference coco_val2014/ --inception-path ~/inception-2015-12-05.pt
     torchrun --nproc_per_node 8 evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX   # sampling split over GPUs
     python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
+    python evaluate.py --candidates dpo=runs/dpo-s0,runs/dpo-s1,runs/dpo-s2 dpok=runs/dpok-s0,runs/dpok-s1 ...
     python evaluate.py --toy            # the toy base against a toy diffusion_dpo.py run (trained first if missing)
 """
 

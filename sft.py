@@ -613,6 +613,10 @@ def main(args: Args) -> dict:
             logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
             print(f"{args.scorer} reward of fixed-seed samples: base {summary['eval/reward_base']:.4g} -> "
                   f"trained {summary['eval/reward_final']:.4g} (Wilcoxon p = {p_value:.2g}, {len(prompts_k)} samples)")
+            if summary["eval/reward_final"] < summary["eval/reward_base"]:  # exit 0 either way; say it loudly
+                summary["warning"] = (f"the trained model's {args.scorer} reward is BELOW the base model's "
+                                      f"({summary['eval/reward_final']:.4g} < {summary['eval/reward_base']:.4g})")
+                print(f"WARNING: {summary['warning']}", file=sys.stderr)
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"load the result with:\n    {load}")
     logger.close()
