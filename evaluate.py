@@ -686,7 +686,7 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
         lines += ["**Warnings**", ""] + [f"- {w}" for w in results["warnings"]] + [""]
     lines += summary_table(results, (results["baseline"], *against))
     lines += [f"Intervals: {pct}; an arm of one run: BCa bootstrap over prompts; of several runs (seeds): percentile "
-              "bootstrap over seeds and prompts (seeds_comparison). FID / KID / IS: percentile bootstrap over images "
+              "bootstrap over seeds and prompts (seeds_comparison). FID / KID / IS: bias-corrected bootstrap over images "
               f"(and seeds). p-values two-sided; in parentheses Holm-adjusted across all {m_total} comparison x "
               "metric cells of this report, per test.", ""]
     for c in results["comparisons"]:

@@ -1,0 +1,214 @@
+"""The study as one command: does Diffusion-DPO on ImageReward's comparisons match DPOK on a reward model fitted to the
+same data, and how do both compare with the supervised baselines?
+
+This file only calls the scripts, in the order a researcher would (CleanRL's benchmark/ folder does the same):
+
+    1. reward_model.py    fit r_φ on ImageRewardDB's rankings (Bradley-Terry)                        -> rm/final
+    2. per seed s in --seeds, the four arms, each on the same data:
+       dpo    diffusion_dpo.py --dataset imagereward                  Diffusion-DPO on the comparisons
+       dpok   dpok.py --reward reward-model --reward-path rm/final    DPOK on the fitted reward
+       sft    sft.py --data preferred --dataset imagereward           SFT on the preferred images
+       rwsft  sft.py --data generated --scorer reward-model --reg kl  reward-weighted SFT with the KL regulariser
+    3. evaluate.py        every arm (its seeds as units) against the base and against each other, on prompts no arm
+                          trained on, Holm across every comparison x metric; the double-blind rating kit
+    4. report.md          the question, the first table (per arm: the mean over seeds of each metric with its interval,
+                          win rates against the base and against Diffusion-DPO, Holm-adjusted p), each script's own
+                          base-vs-final check, the commands and how long each took
+
+Toy (the default): the offline toy world. The arms train on TRAIN_PROMPTS only (a copy of the toy ImageRewardDB
+that keeps their rows; common/toy.py) and are evaluated on HELDOUT_PROMPTS. --budget ci shrinks every step to
+seconds (tests/test_study.py). Real (--mode real): SD1.5, ImageRewardDB from a local folder, PartiPrompts for
+evaluation, --gpus per step through torchrun; the scripts' own defaults (the papers' recipes) otherwise.
+
+Usage:
+    python benchmarks/study.py                                   # toy, 3 seeds per arm, CPU
+    python benchmarks/study.py --budget ci --seeds 0 1           # the reduced budget of the CI test
+    python benchmarks/study.py --mode real --imagereward-source /data/ImageRewardDB --gpus 8 \\
+        --fid-reference /data/coco_val2014 --inception-path ~/inception-2015-12-05.pt
+A step whose output exists is skipped (run the same command again to resume after a failure).
+"""
+
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import pyarrow.parquet as pq
+import tyro
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from common.runtime import require  # noqa: E402
+from common.toy import PROMPT_FILES, TRAIN_PROMPTS, toy_world  # noqa: E402
+
+ARMS = ("dpo", "dpok", "sft", "rwsft")
+
+
+@dataclasses.dataclass
+class Args:
+    mode: Literal["toy", "real"] = "toy"
+    """toy: the offline toy world on a CPU; real: SD1.5 and ImageRewardDB on GPUs (the scripts' paper recipes)"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    """training seeds of every arm; evaluate.py treats them as units"""
+    budget: Literal["full", "ci"] = "full"
+    """toy only: full = the scripts' toy recipes; ci = a few steps each, to test the plumbing"""
+    output_dir: str = "runs/study"
+    """everything goes here: rm/, <arm>-s<seed>/, evaluate/, logs/, timings.json, report.md"""
+    gpus: int = 1
+    """real: GPUs per step (torchrun --nproc_per_node); 1 runs plain python"""
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """real: the base pipeline"""
+    imagereward_source: str = "THUDM/ImageRewardDB"
+    """real: ImageRewardDB as a local folder (metadata-train.parquet gives DPOK's and rwsft's prompts)"""
+    prompts: str = "partiprompts"
+    """real: the held-out evaluation prompts (evaluate.py --prompts)"""
+    fid_reference: str | None = None
+    """real: FID/KID reference images for evaluate.py (None: no FID/KID)"""
+    inception_path: str | None = None
+    """real: clean-fid's inception-2015-12-05.pt for FID, KID and IS"""
+
+
+def toy_training_data(out: Path) -> Path:
+    """A copy of the toy ImageRewardDB whose train split keeps only TRAIN_PROMPTS' rows (the held-out prompts are
+    never trained on); the other splits and the image zips are linked, not copied. The toy world is not touched."""
+    src, dst = toy_world().imagereward, out / "imagereward_train_prompts"
+    if (dst / "metadata-train.parquet").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for split in ("validation", "test"):
+        (dst / f"metadata-{split}.parquet").symlink_to(src / f"metadata-{split}.parquet")
+    (dst / "images").symlink_to(src / "images")
+    table = pq.read_table(src / "metadata-train.parquet")
+    keep = [p in TRAIN_PROMPTS for p in table.column("prompt").to_pylist()]
+    pq.write_table(table.filter(keep), dst / "metadata-train.parquet.tmp")
+    (dst / "metadata-train.parquet.tmp").rename(dst / "metadata-train.parquet")
+    return dst
+
+
+def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
+    """(step name, command, the file whose presence means the step is done), in order."""
+    toy, ci = args.mode == "toy", args.budget == "ci" and args.mode == "toy"
+    run = lambda script: ([sys.executable] if args.gpus == 1 else  # noqa: E731
+                          ["torchrun", f"--nproc_per_node={args.gpus}"]) + [str(REPO / script)]
+    base = ["--toy"] if toy else []
+    data = str(toy_training_data(out)) if toy else args.imagereward_source
+    train_prompts = str(PROMPT_FILES["train"]) if toy else f"{args.imagereward_source}/metadata-train.parquet"
+    rm = out / "rm"
+    steps = [("reward model", run("reward_model.py") + base + [
+        "--dataset", "imagereward", "--imagereward-source", data, "--output-dir", str(rm),
+        "--cache-dir", str(out / "embedding_cache")] + (["--epochs", "1"] if ci else []), rm / "final")]
+    model = [] if toy else ["--model", args.model]
+    for seed in args.seeds:
+        s = ["--seed", str(seed)]
+        arm = {
+            "dpo": run("diffusion_dpo.py") + base + model + s + [
+                "--dataset", "imagereward", "--dataset-source", data] + (["--steps", "3", "--eval-pairs", "16",
+                                                                         "--reward-seeds", "1"] if ci else []),
+            "dpok": run("dpok.py") + base + (["--pretrained", args.model] if not toy else []) + s + [
+                "--reward", "reward-model", "--reward-path", str(rm / "final"), "--prompts", train_prompts] +
+                (["--iterations", "1", "--num-val", "12"] if ci else []),
+            "sft": run("sft.py") + base + model + s + [
+                "--data", "preferred", "--dataset", "imagereward", "--dataset-source", data] +
+                (["--steps", "3", "--reward-seeds", "1"] if ci else []),
+            "rwsft": run("sft.py") + base + model + s + [
+                "--data", "generated", "--scorer", "reward-model", "--scorer-path", str(rm / "final"), "--reg", "kl",
+                "--prompts", train_prompts, "--generated-dir", str(out / "sft_generated")] +
+                (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else []),
+        }
+        for name, cmd in arm.items():
+            folder = out / f"{name}-s{seed}"
+            steps.append((f"{name} seed {seed}", cmd + ["--output-dir", str(folder)], folder / "eval.json"))
+    candidates = [f"{a}=" + ",".join(str(out / f"{a}-s{seed}") for seed in args.seeds) for a in ARMS]
+    evaluate = run("evaluate.py") + base + ["--candidates", *candidates, "--summary-against", "dpo",
+                                            "--output-dir", str(out / "evaluate")]
+    if toy:
+        evaluate += ["--scorers", "toy", "clip", "reward-model", "--scorer-paths", f"clip={toy_world().clip}",
+                     f"reward-model={rm / 'final'}"]
+        evaluate += ["--images-per-prompt", "2", "--n-resamples", "500", "--set-resamples", "30",
+                     "--rating-pairs", "4"] if ci else []
+    else:
+        evaluate += ["--base-model", args.model, "--prompts", args.prompts, "--scorers", "clip", "pickscore",
+                     "reward-model", "--scorer-paths", f"reward-model={rm / 'final'}"]
+        evaluate += ["--fid-reference", args.fid_reference] if args.fid_reference else []
+        evaluate += ["--inception-path", args.inception_path] if args.inception_path else []
+    steps.append(("evaluate", evaluate, out / "evaluate" / "results.json"))
+    return steps
+
+
+def report(args: Args, out: Path, steps, timings: dict) -> str:
+    """report.md: the question and verdict, evaluate.py's report (its first table answers the question), each
+    training run's own base-vs-final check, what ran and how long it took."""
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    metric = results["args"]["scorers"][0]  # toy: the true toy reward; real: CLIP score
+    pair = next(c for c in results["comparisons"] if {c["a"], c["b"]} == {"dpo", "dpok"})
+    cell = pair["metrics"][metric]
+    win = cell["win_rate"] if pair["a"] == "dpo" else 1 - cell["win_rate"]
+    p = cell["p_wilcoxon_holm"]
+    verdict = (f"On {metric}, Diffusion-DPO {'beats' if win > 0.5 else 'loses to'} DPOK on {win:.0%} of the held-out "
+               f"prompts (Holm-adjusted Wilcoxon p = {p:.2g}): " +
+               ("a significant difference at the 5 % level." if p < 0.05 else "no significant difference at the "
+                "5 % level with this many prompts and seeds."))
+    lines = ["# The study: Diffusion-DPO on ImageReward's comparisons vs DPOK on a reward model fitted to the same "
+             "data vs SFT baselines", "",
+             f"Mode {args.mode}" + (f", budget {args.budget}" if args.mode == "toy" else "") +
+             f"; seeds {list(args.seeds)} per arm; evaluated on held-out prompts ({results['n_prompts']} prompts x "
+             f"{results['images_per_prompt']} images, DDIM {results['sample_steps']} steps, η {results['eta']:g}).",
+             "", f"**Verdict.** {verdict}", "",
+             "Arms: dpo = diffusion_dpo.py on ImageRewardDB's pairs; dpok = dpok.py on the reward model fitted by "
+             "reward_model.py; sft = sft.py on the preferred images; rwsft = sft.py reward-weighted on generated "
+             "images with the KL regulariser.", ""]
+    evaluation = (out / "evaluate" / "report.md").read_text()
+    lines += [evaluation.split("\n", 1)[1].strip(), ""]  # its title is replaced by this report's
+    lines += ["## Each training run's own check (its eval.json: the reward of fixed-seed samples, base -> final)", "",
+              "| run | base | final | p | warning |", "|---|---|---|---|---|"]
+    for name, _, done in steps[1:-1]:
+        e = json.loads(done.read_text())
+        base, final = e.get("reward_base", e.get("eval/reward_base")), e.get("reward_final", e.get("eval/reward_final"))
+        p_run = e.get("p_value", e.get("eval/reward_pvalue"))
+        show = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+        lines.append(f"| {name} | {show(base)} | {show(final)} | {show(p_run)} | {e.get('warning', '')} |")
+    total = sum(timings.values())
+    lines += ["", f"## What ran, and how long it took (total {total / 60:.1f} min)", "", "| step | seconds | command |",
+              "|---|---|---|"]
+    for name, cmd, _ in steps:
+        shown = " ".join(c.replace(str(REPO) + "/", "") for c in cmd[1:])
+        lines.append(f"| {name} | {timings.get(name, 0):.0f} | `{shown}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: Args) -> Path:
+    require(len(args.seeds) >= 1 and len(set(args.seeds)) == len(args.seeds), f"--seeds {args.seeds}: distinct")
+    require(args.mode == "toy" or Path(args.imagereward_source).is_dir(),
+            f"--imagereward-source {args.imagereward_source}: --mode real needs a local ImageRewardDB folder")
+    out = Path(args.output_dir).resolve()
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    steps = commands(args, out)
+    timings_file = out / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    for name, cmd, done in steps:
+        if done.exists():
+            print(f"[study] {name}: done ({done} exists), skipped")
+            continue
+        folder = Path(cmd[cmd.index("--output-dir") + 1])
+        if folder.exists():  # a step killed half-way: start it again from nothing
+            shutil.rmtree(folder)
+        log = out / "logs" / f"{name.replace(' ', '_')}.log"
+        print(f"[study] {name}: {' '.join(cmd)}\n        log: {log}", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+        require(rc == 0, f"[study] {name} failed (exit {rc}); see {log}")
+        timings[name] = time.time() - t0
+        timings_file.write_text(json.dumps(timings, indent=1) + "\n")
+    text = report(args, out, steps, timings)
+    (out / "report.md").write_text(text)
+    print(text + f"\nwrote {out / 'report.md'}")
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
