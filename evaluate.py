@@ -946,7 +946,7 @@ def main(args: Args) -> dict:
     tiles = [Image.open(image_path(out, m, i, 0)).convert("RGB") for i in rows for m in order]
     side = min(tiles[0].width, 256)
     first = next(iter(scorers))  # each tile's score: the first scorer's, of that image
-    headers = [Image.new("RGB", (side, max(4, side // 8)), "white") for _ in order]
+    headers = [Image.new("RGB", (side, side), "white") for _ in order]  # a blank row: column names as captions
     captions = order + [(f"{prompts[i]}: " if c == 0 else "") + f"{first} {scores[m][first][i, 0]:.3g}"
                         for i in rows for c, m in enumerate(order)]
     save_image_grid(headers + [t.resize((side, side)) for t in tiles], out / "grid.png", nrow=len(order),
