@@ -164,13 +164,15 @@ def report(args: Args, out: Path, steps, timings: dict) -> str:
     evaluation = (out / "evaluate" / "report.md").read_text()
     lines += [evaluation.split("\n", 1)[1].strip(), ""]  # its title is replaced by this report's
     lines += ["## Each training run's own check (its eval.json: the reward of fixed-seed samples, base -> final)", "",
-              "| run | base | final | p | warning |", "|---|---|---|---|---|"]
+              "The script's own test: dpok a one-sided paired t-test, the others a two-sided Wilcoxon test; each on "
+              "its training prompts.", "", "| run | reward | base | final | p | warning |", "|---|---|---|---|---|---|"]
     for name, _, done in steps[1:-1]:
-        e = json.loads(done.read_text())
+        e, run_args = json.loads(done.read_text()), json.loads((done.parent / "args.json").read_text())
+        reward = run_args.get("reward") or run_args.get("scorer") or "toy"  # dpok --reward, sft --scorer, dpo: toy
         base, final = e.get("reward_base", e.get("eval/reward_base")), e.get("reward_final", e.get("eval/reward_final"))
         p_run = e.get("p_value", e.get("eval/reward_pvalue"))
         show = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
-        lines.append(f"| {name} | {show(base)} | {show(final)} | {show(p_run)} | {e.get('warning', '')} |")
+        lines.append(f"| {name} | {reward} | {show(base)} | {show(final)} | {show(p_run)} | {e.get('warning', '')} |")
     total = sum(timings.values())
     lines += ["", f"## What ran, and how long it took (total {total / 60:.1f} min)", "", "| step | seconds | command |",
               "|---|---|---|"]
