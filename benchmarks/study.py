@@ -165,7 +165,8 @@ def report(args: Args, out: Path, steps, timings: dict) -> str:
     lines += [evaluation.split("\n", 1)[1].strip(), ""]  # its title is replaced by this report's
     lines += ["## Each training run's own check (its eval.json: the reward of fixed-seed samples, base -> final)", "",
               "The script's own test: dpok a one-sided paired t-test, the others a two-sided Wilcoxon test; each on "
-              "its own validation prompts (evaluate.py's held-out prompts are in the tables above).", "", "| run | reward | base | final | p | warning |", "|---|---|---|---|---|---|"]
+              "its own validation prompts (evaluate.py's held-out prompts are in the tables above).", "",
+              "| run | reward | base | final | p | warning |", "|---|---|---|---|---|---|"]
     for name, _, done in steps[1:-1]:
         e, run_args = json.loads(done.read_text()), json.loads((done.parent / "args.json").read_text())
         reward = run_args.get("reward") or run_args.get("scorer") or "toy"  # dpok --reward, sft --scorer, dpo: toy
