@@ -686,7 +686,8 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
         lines += ["**Warnings**", ""] + [f"- {w}" for w in results["warnings"]] + [""]
     lines += summary_table(results, (results["baseline"], *against))
     lines += [f"Intervals: {pct}; an arm of one run: BCa bootstrap over prompts; of several runs (seeds): percentile "
-              "bootstrap over seeds and prompts (seeds_comparison). FID / KID / IS: bias-corrected bootstrap over images "
+              "bootstrap over seeds and prompts (seeds_comparison). FID / KID / IS: bias-corrected bootstrap over "
+              "images "
               f"(and seeds). p-values two-sided; in parentheses Holm-adjusted across all {m_total} comparison x "
               "metric cells of this report, per test.", ""]
     for c in results["comparisons"]:
@@ -700,7 +701,7 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
         lines.append("")
     if results["feature_extractor"]:
         lines += [f"## Set metrics per run ({results['feature_extractor']})", "",
-                  f"| run | images | FID [{pct}] | KID [{pct}] | IS, 1 split [{pct}] | IS (mean ± std over 10 splits) |",
+                  f"| run | images | FID [{pct}] | KID [{pct}] | IS, 1 split [{pct}] | IS (mean ± std, 10 splits) |",
                   "|---|---|---|---|---|---|"]
         for name, m in results["runs"].items():
             cell = lambda s: "-" if m.get(s) is None else fmt(m[s], m["ci_" + s])  # noqa: E731
