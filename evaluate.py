@@ -687,9 +687,8 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
     lines += summary_table(results, (results["baseline"], *against))
     lines += [f"Intervals: {pct}; an arm of one run: BCa bootstrap over prompts; of several runs (seeds): percentile "
               "bootstrap over seeds and prompts (seeds_comparison). FID / KID / IS: bias-corrected bootstrap over "
-              "images "
-              f"(and seeds). p-values two-sided; in parentheses Holm-adjusted across all {m_total} comparison x "
-              "metric cells of this report, per test.", ""]
+              f"images (and seeds). p-values two-sided; in parentheses Holm-adjusted across all {m_total} comparison "
+              "x metric cells of this report, per test.", ""]
     for c in results["comparisons"]:
         lines += [f"## {c['a']} vs {c['b']}", "", f"| metric | {c['a']} | {c['b']} | difference | {c['a']} win rate "
                   "| W/T/L (prompts) | sign p (Holm) | Wilcoxon p (Holm) |", "|---|---|---|---|---|---|---|---|"]
