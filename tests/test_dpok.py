@@ -228,3 +228,25 @@ def test_toy_larger_beta_ends_closer_to_the_base_model(toy_runs):
     small, large = (json.loads((out / "eval.json").read_text()) for out in toy_runs)
     assert large["kl_final"] < 0.5 * small["kl_final"]
     assert large["kl_final"] > 0
+
+
+def test_reward_scale_base_makes_training_independent_of_the_rewards_units(world, tmp_path, monkeypatch):
+    """--reward-scale base trains on r / s (s = the base model's validation spread), so a reward in other units (the
+    toy reward x 250, as a learned reward's scores are ~200x the toy reward's) trains the same model; without it
+    the policy term outweighs β·KL by the factor, and the run differs."""
+    load = dpok.load_scorer
+
+    def runs(factor: float, *flags):
+        monkeypatch.setattr(dpok, "load_scorer", lambda *a, **k: (lambda im, p, s=load(*a, **k): factor * s(im, p)))
+        out = run(tmp_path, f"x{factor}{''.join(flags)}", "--iterations", "1", "--num-val", "8", "--sample-every", "1",
+                  "--checkpoint-every", "1", "--kl-coef", "1", *flags)
+        return metrics(out)[0], json.loads((out / "eval.json").read_text())
+
+    (m1, e1), (m250, e250) = runs(1.0), runs(250.0)
+    for key in ("losses/policy_loss", "losses/kl", "charts/grad_norm", "losses/value_loss"):
+        assert m250[key] == pytest.approx(m1[key], rel=1e-3, abs=1e-6), key
+    assert m250["rewards/mean"] == pytest.approx(250 * m1["rewards/mean"], rel=1e-4)  # logged in the scorer's units
+    assert e250["reward_final"] == pytest.approx(250 * e1["reward_final"], rel=1e-3)
+    raw1, raw250 = runs(1.0, "--reward-scale", "none")[0], runs(250.0, "--reward-scale", "none")[0]
+    assert raw250["losses/policy_loss"] > 50 * abs(raw1["losses/policy_loss"]) or \
+        raw250["losses/policy_loss"] < -50 * abs(raw1["losses/policy_loss"])  # the reward term, 250x the KL's weight
