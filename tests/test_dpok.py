@@ -248,5 +248,4 @@ def test_reward_scale_base_makes_training_independent_of_the_rewards_units(world
     assert m250["rewards/mean"] == pytest.approx(250 * m1["rewards/mean"], rel=1e-4)  # logged in the scorer's units
     assert e250["reward_final"] == pytest.approx(250 * e1["reward_final"], rel=1e-3)
     raw1, raw250 = runs(1.0, "--reward-scale", "none")[0], runs(250.0, "--reward-scale", "none")[0]
-    assert raw250["losses/policy_loss"] > 50 * abs(raw1["losses/policy_loss"]) or \
-        raw250["losses/policy_loss"] < -50 * abs(raw1["losses/policy_loss"])  # the reward term, 250x the KL's weight
+    assert raw250["charts/grad_norm"] > 50 * raw1["charts/grad_norm"]  # the reward term ~250x what it was
