@@ -28,11 +28,8 @@ Usage (the defaults are the official SD1.5 recipe, 2048 pairs per step = 1 per G
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import itertools
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -55,7 +52,8 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import kernels
-from common.data import PairDataset, collate_skip_none, flip_decision, load_pairs, load_prompts
+from common.data import (EpochPairs, PairDataset, build_latent_cache, cached_batch, collate_pairs, collate_skip_none,
+                         load_pairs, load_prompts, micro_batches)
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
                             cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
@@ -256,106 +254,6 @@ def pair_embeddings(captions, drop, tokenizer, text_encoder, cache: dict | None 
     return emb.repeat(2, 1, 1)  # (2B, 77, D)
 
 
-# ------------------------------------------------------------------------------------------- data
-# Generic machinery (per-epoch flips, a DDP-exact data order, the latent cache) that keeps this file past STYLE's
-# ~500 lines; it belongs in common/data.py as soon as a second script needs it.
-def flip_seed(seed: int, epoch: int) -> int:
-    return 10_000 * seed + epoch  # flips are redrawn every epoch, as the official RandomHorizontalFlip is
-
-
-def micro_batches(num_pairs: int, per_device: int, rank: int, world_size: int, seed: int, start: int):
-    """This rank's [(epoch, pair index), ...] for every micro-step from `start` on. Epoch e visits the pairs in the
-    order randperm(num_pairs, seed + e), cut into global micro-batches of per_device × world_size (the rest of an
-    epoch is dropped); rank r takes the r-th slice. A function of the step alone: --resume needs no sampler state."""
-    size = per_device * world_size
-    per_epoch, epoch = num_pairs // size, None
-    for k in itertools.count(start):
-        if k // per_epoch != epoch:
-            epoch = k // per_epoch
-            order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        first = (k % per_epoch) * size + rank * per_device
-        yield [(epoch, i) for i in order[first:first + per_device]]
-
-
-class EpochPairs(torch.utils.data.Dataset):
-    """PairDataset items keyed by (epoch, index), with that epoch's flips. A pair whose image does not decode is
-    replaced by the next good one, so every rank's micro-batch stays full (an empty one would hang DDP)."""
-
-    def __init__(self, pairs, resolution: int, random_flip: bool, seed: int):
-        self.pairs, self.resolution, self.random_flip, self.seed = pairs, resolution, random_flip, seed
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        data = PairDataset(self.pairs, self.resolution, self.random_flip, flip_seed(self.seed, epoch))
-        for skipped in range(len(self.pairs)):
-            if (item := data[(index + skipped) % len(self.pairs)]) is not None:
-                return {**item, "skipped": skipped}
-        raise RuntimeError("no pair in the data set decodes")
-
-
-def collate_pairs(items):
-    batch = collate_skip_none(items)
-    batch["num_skipped"] = sum(item["skipped"] for item in items)
-    return batch
-
-
-def build_latent_cache(pairs, vae, args: Args, source: str, dist, out: Path) -> torch.Tensor:
-    """VAE posterior parameters (mean, log-variance) of every training image, as is and flipped, encoded once:
-    (N, 2 [winner, loser], F [as is, flipped], 2C, h, w) in a file-backed tensor, NaN rows for pairs that do not
-    decode. We keep the distribution, not a latent, because the official code draws latent_dist.sample() afresh at
-    every visit (noisy_pairs still does); both flips because the flip is redrawn every epoch. Pick-a-Pic v2 at 512 px
-    in fp16: 851k × 2 × 2 × 8 × 64 × 64 × 2 B ≈ 220 GB, so point --cache-dir at a big local disk. Each rank
-    encodes every world_size-th pair into the shared file; a later run with the same key reuses it."""
-    flips = 2 if args.random_flip else 1
-    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (len(pairs), 2, flips, 2 * vae.config.latent_channels, side, side)
-    key = json.dumps([args.model, args.dataset, source, args.split, args.max_pairs, args.resolution, flips,
-                      str(vae.dtype)])
-    root = Path(args.cache_dir or out / "latent_cache")
-    path = root / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.bin"
-    if not path.with_suffix(".json").exists():
-        if dist.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(math.prod(shape) * vae.dtype.itemsize)
-        barrier()
-        cache = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=vae.dtype).view(shape)
-        mine = list(range(dist.rank, len(pairs), dist.world_size))
-        chunks = [mine[k:k + args.per_device_batch] for k in range(0, len(mine), args.per_device_batch)]
-        loader = DataLoader(PairDataset(pairs, args.resolution, random_flip=False, seed=0), batch_sampler=chunks,
-                            collate_fn=collate_skip_none, num_workers=args.num_workers)
-        for wanted, batch in zip(chunks, tqdm(loader, desc="caching latents", disable=not dist.is_main)):
-            cache[wanted] = float("nan")  # overwritten below for every pair that decodes
-            if batch is None:
-                continue
-            x = torch.stack([batch["pixel_w"], batch["pixel_l"]], 1)  # (b, 2, 3, R, R)
-            x = torch.stack([x, x.flip(-1)][:flips], 2)  # (b, 2, F, 3, R, R); flipping pixels = flipping the image
-            with torch.no_grad():
-                moments = vae.encode(x.flatten(0, 2).to(vae.device, vae.dtype)).latent_dist.parameters
-            cache[batch["index"]] = moments.view(*x.shape[:3], *moments.shape[1:]).cpu()
-        barrier()
-        if dist.is_main:
-            path.with_suffix(".json").write_text(key)  # marks the cache complete
-    return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=vae.dtype).view(shape)
-
-
-def cached_batch(cache, valid, pairs, keys, random_flip: bool, seed: int):
-    """What a training micro-step needs from the latent cache: moments (2B, 2C, h, w) winners first, captions,
-    and how many broken pairs were replaced by the next good one (the same rule as EpochPairs)."""
-    index, flip_w, flip_l, skipped = [], [], [], 0
-    for epoch, i in keys:
-        while not valid[i]:
-            i, skipped = (i + 1) % len(valid), skipped + 1
-        index.append(i)
-        flip_w.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "w")))
-        flip_l.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "l")))
-    moments = torch.cat([cache[index, 0, flip_w], cache[index, 1, flip_l]])  # (2B, 2C, h, w)
-    return moments, [pairs[i].caption for i in index], skipped
-
-
 # ------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def generate(pipe, prompts: list[str], seeds: list[int], args: Args, autocast) -> torch.Tensor:
@@ -498,7 +396,11 @@ def main(args: Args) -> dict:
 
     cache, text_cache = None, None
     if args.cache_latents:
-        cache, text_cache = build_latent_cache(pairs, vae, args, source, dist, out), {}
+        cache = build_latent_cache(pairs, vae, args.resolution, args.random_flip,
+                                   [args.model, args.dataset, source, args.split, args.max_pairs],
+                                   Path(args.cache_dir or out / "latent_cache"), dist, args.per_device_batch,
+                                   args.num_workers)
+        text_cache = {}
         valid = torch.isfinite(cache[:, 0, 0, 0, 0, 0])  # a NaN row is a pair whose image did not decode
     keys = micro_batches(len(pairs), args.per_device_batch, dist.rank, dist.world_size, args.seed,
                          start=start * args.grad_accum)

@@ -62,7 +62,8 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import kernels
-from common.data import Pair, decode_image, flip_decision, load_captioned_images, load_pairs, load_prompts, preprocess
+from common.data import (Pair, decode_image, flip_decision, flip_seed, load_captioned_images, load_pairs, load_prompts,
+                         micro_batches, preprocess)
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
                             cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
@@ -230,23 +231,6 @@ def reward_weights(rewards: Tensor, weighting: str, quantile: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------- data
-def micro_batches(n: int, per_device: int, rank: int, world_size: int, seed: int, start: int):
-    """This rank's [(epoch, index), ...] for every micro-step from `start` on. Epoch e visits the images in the order
-    randperm(n, seed + e), cut into global micro-batches of per_device × world_size (the rest of an epoch is dropped);
-    rank r takes the r-th slice. A function of the step alone, so --resume needs no sampler state and N GPUs see
-    what one process with the same global batch sees."""
-    size = per_device * world_size
-    per_epoch, epoch = n // size, None
-    k = start
-    while True:
-        if k // per_epoch != epoch:
-            epoch = k // per_epoch
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        first = (k % per_epoch) * size + rank * per_device
-        yield [(epoch, i) for i in order[first:first + per_device]]
-        k += 1
-
-
 class Images(torch.utils.data.Dataset):
     """Pair winners or {caption, image} rows, keyed by (epoch, index) -> {pixels (3, R, R) in [-1, 1], caption, weight,
     skipped}, flipped by that epoch's coin. An image that does not decode is replaced by the next good one (counted
@@ -270,7 +254,7 @@ class Images(torch.utils.data.Dataset):
             except Exception as e:  # any data error skips the image, logged and counted, never fatal
                 logging.warning("image %d: does not decode, skipped (%s: %s)", i, type(e).__name__, e)
                 continue
-            flip = self.random_flip and flip_decision(10_000 * self.seed + epoch, i, "w")  # redrawn every epoch
+            flip = self.random_flip and flip_decision(flip_seed(self.seed, epoch), i, "w")  # redrawn every epoch
             return {"pixels": preprocess(image, self.resolution, flip), "caption": caption, "skipped": skipped,
                     "weight": 1.0 if self.weights is None else float(self.weights[i])}
         raise RuntimeError("no image in the data set decodes")

@@ -395,3 +395,113 @@ def load_prompts(source: str) -> list[str]:
             f"reliable hub copy) pass a folder of {', '.join(f'{s}.json' for s in HPSV2_STYLES)}, each a JSON list."
         )
     return [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+
+
+# ---------------------------------------------------------------- the training order, per-epoch flips, latent cache
+# Shared by diffusion_dpo.py and sft.py. The order is a function of the micro-step alone, so --resume needs no sampler
+# state and N GPUs see exactly what one process with the same global batch sees.
+
+
+def flip_seed(seed: int, epoch: int) -> int:
+    """The flip_decision seed of an epoch: flips are redrawn every epoch, as the official RandomHorizontalFlip is."""
+    return 10_000 * seed + epoch
+
+
+def micro_batches(n: int, per_device: int, rank: int, world_size: int, seed: int, start: int):
+    """This rank's [(epoch, index), ...] for every micro-step from `start` on. Epoch e visits the n items in the order
+    randperm(n, seed + e), cut into global micro-batches of per_device × world_size (the rest of an epoch is dropped);
+    rank r takes the r-th slice."""
+    size = per_device * world_size
+    per_epoch, epoch = n // size, None
+    for k in itertools.count(start):
+        if k // per_epoch != epoch:
+            epoch = k // per_epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        first = (k % per_epoch) * size + rank * per_device
+        yield [(epoch, i) for i in order[first:first + per_device]]
+
+
+class EpochPairs(torch.utils.data.Dataset):
+    """PairDataset items keyed by (epoch, index), with that epoch's flips. A pair whose image does not decode is
+    replaced by the next good one, so every rank's micro-batch stays full (an empty one would hang DDP)."""
+
+    def __init__(self, pairs: Sequence[Pair], resolution: int, random_flip: bool, seed: int):
+        self.pairs, self.resolution, self.random_flip, self.seed = pairs, resolution, random_flip, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        data = PairDataset(self.pairs, self.resolution, self.random_flip, flip_seed(self.seed, epoch))
+        for skipped in range(len(self.pairs)):
+            if (item := data[(index + skipped) % len(self.pairs)]) is not None:
+                return {**item, "skipped": skipped}
+        raise RuntimeError("no pair in the data set decodes")
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """collate_skip_none for EpochPairs items; num_skipped counts the broken pairs replaced by the next good one."""
+    batch = collate_skip_none(items)
+    batch["num_skipped"] = sum(item["skipped"] for item in items)
+    return batch
+
+
+def build_latent_cache(pairs: Sequence[Pair], vae, resolution: int, random_flip: bool, key: list, root: Path, dist,
+                       per_device_batch: int, num_workers: int) -> torch.Tensor:
+    """VAE posterior parameters (mean, log-variance) of every pair's two images, as is and flipped, encoded once:
+    (N, 2 [winner, loser], F [as is, flipped], 2C, h, w) in a file-backed tensor, NaN rows for pairs that do not
+    decode. We keep the distribution, not a latent, because the official code draws latent_dist.sample() afresh at
+    every visit; both flips because the flip is redrawn every epoch. Pick-a-Pic v2 at 512 px in fp16:
+    851k × 2 × 2 × 8 × 64 × 64 × 2 B ≈ 220 GB (at 1024 px, SDXL: 4x that), so point the cache at a big local disk.
+    Each rank encodes every world_size-th pair into the shared file; a later run with the same `key` (a JSON-able
+    list of what determines the latents) reuses it. `dist` is common.runtime.Dist."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from common.runtime import barrier
+
+    flips = 2 if random_flip else 1
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (len(pairs), 2, flips, 2 * vae.config.latent_channels, side, side)
+    key = json.dumps([*key, resolution, flips, str(vae.dtype)])
+    path = Path(root) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.bin"
+    if not path.with_suffix(".json").exists():
+        if dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(int(np.prod(shape)) * vae.dtype.itemsize)
+        barrier()
+        cache = torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=vae.dtype).view(shape)
+        mine = list(range(dist.rank, len(pairs), dist.world_size))
+        chunks = [mine[k:k + per_device_batch] for k in range(0, len(mine), per_device_batch)]
+        loader = DataLoader(PairDataset(pairs, resolution, random_flip=False, seed=0), batch_sampler=chunks,
+                            collate_fn=collate_skip_none, num_workers=num_workers)
+        for wanted, batch in zip(chunks, tqdm(loader, desc="caching latents", disable=not dist.is_main)):
+            cache[wanted] = float("nan")  # overwritten below for every pair that decodes
+            if batch is None:
+                continue
+            x = torch.stack([batch["pixel_w"], batch["pixel_l"]], 1)  # (b, 2, 3, R, R)
+            x = torch.stack([x, x.flip(-1)][:flips], 2)  # (b, 2, F, 3, R, R); flipping pixels = flipping the image
+            with torch.no_grad():
+                moments = vae.encode(x.flatten(0, 2).to(vae.device, vae.dtype)).latent_dist.parameters
+            cache[batch["index"]] = moments.view(*x.shape[:3], *moments.shape[1:]).cpu()
+        barrier()
+        if dist.is_main:
+            path.with_suffix(".json").write_text(key)  # marks the cache complete
+    return torch.from_file(str(path), shared=False, size=int(np.prod(shape)), dtype=vae.dtype).view(shape)
+
+
+def cached_batch(cache: torch.Tensor, valid: torch.Tensor, pairs: Sequence[Pair], keys: list, random_flip: bool,
+                 seed: int):
+    """What a training micro-step needs from the latent cache: moments (2B, 2C, h, w) winners first, captions, and
+    how many broken pairs were replaced by the next good one (the same rule as EpochPairs)."""
+    index, flip_w, flip_l, skipped = [], [], [], 0
+    for epoch, i in keys:
+        while not valid[i]:
+            i, skipped = (i + 1) % len(valid), skipped + 1
+        index.append(i)
+        flip_w.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "w")))
+        flip_l.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "l")))
+    moments = torch.cat([cache[index, 0, flip_w], cache[index, 1, flip_l]])  # (2B, 2C, h, w)
+    return moments, [pairs[i].caption for i in index], skipped
