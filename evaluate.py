@@ -278,12 +278,18 @@ def resolve_model(name: str, path: str, base: str) -> Model:
 
 
 def load_pipeline(model: Model, dtype: torch.dtype, device: torch.device):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the UNet's config (common/models.py), with
+    the candidate's UNet or LoRA. A LoRA saved by our scripts for SDXL loads with StableDiffusionXLPipeline's own
+    load_lora_weights."""
+    from diffusers import UNet2DConditionModel
 
-    # No safety checker: it blacks out images, which would be scored as model outputs (the papers' evaluations
-    # disable it too); no trust_remote_code anywhere.
-    pipe = StableDiffusionPipeline.from_pretrained(model.pipeline, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    from common.models import SD15, model_family
+
+    family = model_family(model.pipeline)
+    # No safety checker (SD1.5; SDXL ships none): it blacks out images, which would be scored as model outputs (the
+    # papers' evaluations disable it too); no trust_remote_code anywhere.
+    extra = dict(safety_checker=None, requires_safety_checker=False) if family is SD15 else {}
+    pipe = family.pipeline_class.from_pretrained(model.pipeline, dtype=dtype, **extra)
     if model.unet:
         pipe.unet = UNet2DConditionModel.from_pretrained(model.unet, dtype=dtype)
     if model.lora:

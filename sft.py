@@ -1,4 +1,5 @@
-"""Supervised baselines for aligning Stable Diffusion 1.5: SFT on preferred images, and reward-weighted fine-tuning.
+"""Supervised baselines for aligning Stable Diffusion 1.5 or SDXL: SFT on preferred images, and reward-weighted
+fine-tuning.
 
 `--data preferred`: Diffusion-DPO's SFT baseline (Wallace et al. 2023, https://arxiv.org/abs/2311.12908; the official
 train.py `--sft`): the plain denoising loss on the winner of every Pick-a-Pic v2 pair, ties dropped.
@@ -27,6 +28,9 @@ Usage:
     python sft.py --scorer reward-model --scorer-path runs/reward_model-XXXX/final --reg kl --lora-rank 4   # DPOK's
     python sft.py --reg pretrain --pretrain-data /data/laion_subset/ --weighting raw                 # Lee et al.'s
     python sft.py --toy                                          # the offline toy world, ~1.5 min on 2 CPU cores
+    python sft.py --data preferred --model stabilityai/stable-diffusion-xl-base-1.0 --vae madebyollin/sdxl-vae-fp16-fix \
+        --gradient-checkpointing --per-device-batch 1    # SDXL (official --sft --sdxl; the family is read from the UNet)
+    python sft.py --toy --toy-model sdxl                         # the toy SDXL pipeline, same data
 """
 
 import contextlib
@@ -48,7 +52,7 @@ import scipy.stats
 import torch
 import torch.distributed as tdist
 import tyro
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
@@ -59,7 +63,6 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import kernels
 from common.data import (Pair, decode_image, flip_decision, flip_seed, load_captioned_images, load_pairs, load_prompts,
@@ -67,8 +70,10 @@ from common.data import (Pair, decode_image, flip_decision, flip_seed, load_capt
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
                             cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
+from common.models import (all_timesteps, ddim_sampler, is_turbo, load_text_encoders, make_pipeline, model_family,
+                           turbo_timesteps, zero_terminal_snr)
 from common.scorers import load_scorer
-from common.toy import png_bytes, toy_world
+from common.toy import png_bytes, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
 # Each baseline's recipe, for the fields left at None: images per step, steps, warm-up, learning rate per image.
@@ -82,6 +87,8 @@ RECIPES = {
 class Args:
     toy: bool = False
     """run on the offline toy world (common/toy.py) with CPU-sized defaults; flags given as well still win"""
+    toy_model: Literal["sd15", "sdxl"] = "sd15"
+    """--toy: the SD1.5-shaped toy pipeline, or the SDXL-shaped one (built on first use; the same toy data)"""
     output_dir: str | None = None
     """args.json, metrics.jsonl, tb/, checkpoints/, samples/, final/, eval.json (None: runs/sft-<data>-<time>)"""
     seed: int = 0
@@ -93,7 +100,10 @@ class Args:
     data: Literal["preferred", "generated"] = "generated"
     """preferred: SFT on preference winners (Diffusion-DPO); generated: reward-weighted SFT on own samples (Lee/DPOK)"""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of a StableDiffusionPipeline (the old runwayml/... id was deleted)"""
+    """hub id or local folder of an SD1.5 or SDXL pipeline (SDXL if its UNet has addition_embed_type "text_time";
+    sdxl-turbo if the name contains "turbo": t ∈ {249, 499, 749, 999}, as diffusion_dpo.py)"""
+    vae: str | None = None
+    """hub id or folder of a VAE replacing the pipeline's (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix)"""
     dataset: Literal["pickapic", "imagereward"] = "pickapic"
     """--data preferred: Pick-a-Pic v2 (the paper) or ImageRewardDB, whose images win once per pair they win"""
     dataset_source: str | None = None
@@ -106,8 +116,9 @@ class Args:
     """--data generated: images in the generated set (DPOK: 20K)"""
     generated_dir: str = "runs/sft-generated"
     """--data generated: cache root; a set lives in a subfolder named by a hash of what determines it, and is reused"""
-    resolution: int = 512
-    """images are resized (shorter side, bilinear) and centre-cropped to this many pixels; samples are drawn at it"""
+    resolution: int | None = None
+    """images are resized (shorter side, bilinear) and centre-cropped to this; samples are drawn at it (None: 512,
+    SDXL base 1024)"""
     random_flip: bool = True
     """flip each training image horizontally with p=0.5, redrawn every epoch (official default)"""
     prompt_dropout: float = 0.2
@@ -178,12 +189,13 @@ class Args:
     """samples per grid prompt for the final base-vs-trained reward comparison in eval.json (0: skip; toy: 4)"""
 
 
-def toy_defaults() -> Args:
+def toy_defaults(toy_model: str = "sd15") -> Args:
     """--toy: the toy world's model, data and reward, and a recipe that shows the effect in ~1.5 min on 2 CPU cores.
     The generated set is sampled at guidance 2 and the grids at 5 (see generated_guidance_scale and the README section on sft.py)."""
     world = toy_world()
     return Args(
-        toy=True, model=str(world.pipeline), prompts=str(world.prompts), pretrain_data=str(world.pretrain),
+        toy=True, toy_model=toy_model, model=str(world.pipeline if toy_model == "sd15" else toy_sdxl_pipeline()),
+        prompts=str(world.prompts), pretrain_data=str(world.pretrain),
         resolution=world.resolution, scorer="toy", num_images=16 * 24, mixed_precision="no", num_workers=0,
         steps=250, per_device_batch=32, grad_accum=1, learning_rate=2e-4 / 32, warmup_steps=0, log_every=5,
         checkpoint_every=125, sample_every=125, num_validation_prompts=24, sample_steps=20, guidance_scale=5.0,
@@ -194,7 +206,9 @@ def toy_defaults() -> Args:
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro over Args; with --toy the toy defaults replace Args' defaults, so flags given still win."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return tyro.cli(Args, args=argv, default=toy_defaults() if "--toy" in argv else None)
+    sdxl = any(a in ("--toy-model=sdxl", "--toy_model=sdxl") for a in argv) or any(
+        a in ("--toy-model", "--toy_model") and b == "sdxl" for a, b in zip(argv, argv[1:]))
+    return tyro.cli(Args, args=argv, default=toy_defaults("sdxl" if sdxl else "sd15") if "--toy" in argv else None)
 
 
 # ------------------------------------------------------------------------------------------- the algorithm
@@ -347,6 +361,9 @@ def main(args: Args) -> dict:
     if dist.world_size > 1:
         tdist.broadcast_object_list(out, src=0)  # one timestamped folder for all ranks
     out = Path(out[0])
+    family, turbo = model_family(args.model), is_turbo(args.model)  # common/models.py: SD1.5 or SDXL, chosen once
+    timesteps = turbo_timesteps if turbo else all_timesteps
+    args = dataclasses.replace(args, resolution=args.resolution or (1024 if family.name == "sdxl" and not turbo else 512))
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
     require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")
@@ -366,17 +383,18 @@ def main(args: Args) -> dict:
     device = dist.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     autocast = functools.partial(torch.autocast, device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
-    tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device, weight_dtype)
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device, weight_dtype)
-    text_encoder.requires_grad_(False)
-    vae.requires_grad_(False)
+    tokenizers, text_encoders = load_text_encoders(args.model, family, device, weight_dtype)
+    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else AutoencoderKL.from_pretrained(args.model,
+                                                                                                 subfolder="vae")
+    vae.to(device, weight_dtype).requires_grad_(False)
     noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")  # SD1.5: scaled_linear, 1000
-    require(noise_scheduler.config.prediction_type == "epsilon", "the model must predict epsilon, as SD1.5 does")
+    if turbo:  # official: turbo trains on a zero-terminal-SNR schedule (common.models.zero_terminal_snr)
+        noise_scheduler.alphas_cumprod = zero_terminal_snr(noise_scheduler.alphas_cumprod)
+    require(noise_scheduler.config.prediction_type == "epsilon", "the model must predict epsilon, as SD1.5 and SDXL do")
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device)
-    make_pipe = functools.partial(StableDiffusionPipeline, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)
+    make_pipe = functools.partial(make_pipeline, family, args.model, vae=vae, tokenizers=tokenizers,
+                                  text_encoders=text_encoders,
+                                  scheduler=ddim_sampler(noise_scheduler.config))
     scorer = None if args.scorer == "none" else load_scorer(args.scorer, args.scorer_path, clip_path=args.clip_path,
                                                             device=device, dtype=weight_dtype)
     prompts = load_prompts(args.prompts) if args.data == "generated" or args.num_validation_prompts else []
@@ -464,7 +482,8 @@ def main(args: Args) -> dict:
     def noisy(batch):
         """x_t, t, ε and the caption embeddings of a micro-batch. The randomness is drawn for the GLOBAL micro-batch
         from the generator every rank shares, and each rank keeps its rows: N GPUs train exactly as one process."""
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (micro,), generator=gen)[own].to(device)
+        t = timesteps(torch.randint(0, noise_scheduler.config.num_train_timesteps, (micro,), generator=gen))
+        t = t[own].to(device)
         pixels = batch["pixels"].to(device, weight_dtype)  # (B, 3, R, R)
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
@@ -474,11 +493,10 @@ def main(args: Args) -> dict:
         drop = (torch.rand(micro, generator=gen) < args.prompt_dropout)[own]
         x_0 = ((posterior.mean + posterior.std * z) * vae.config.scaling_factor).float()  # latent_dist.sample()
         x_t = noise_scheduler.add_noise(x_0, noise, t)  # √ᾱ_t·x_0 + √(1−ᾱ_t)·ε
-        ids = tokenizer(["" if d else c for c, d in zip(batch["caption"], drop.tolist())], padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            emb = text_encoder(ids.to(device))[0]  # (B, 77, D)
-        return x_t, t, noise, emb
+        with torch.no_grad():  # the family's text encoding (common/models.py), dropped captions as ""
+            text = family.encode_text(["" if d else c for c, d in zip(batch["caption"], drop.tolist())], tokenizers,
+                                      text_encoders)
+        return x_t, t, noise, text
 
     def sample_grid(step: int) -> None:  # rank 0 only: fixed-seed samples of the current UNet, scored
         unet.eval()
@@ -507,20 +525,22 @@ def main(args: Args) -> dict:
         totals = torch.zeros(5, device=device)  # means of loss, weighted mse, mse, reg; the count of skipped images
         for micro_step in range(args.grad_accum):
             batch = next(batches)
-            x_t, t, noise, emb = noisy(batch)
+            x_t, t, noise, text = noisy(batch)
             if pretrain_batches is not None:  # the pre-training images ride in the same UNet call
                 pre = next(pretrain_batches)
-                x_t2, t2, noise2, emb2 = noisy(pre)
-                x_t, t, emb = torch.cat([x_t, x_t2]), torch.cat([t, t2]), torch.cat([emb, emb2])
+                x_t2, t2, noise2, text2 = noisy(pre)
+                x_t, t = torch.cat([x_t, x_t2]), torch.cat([t, t2])
+                text = torch.cat([text, text2]) if torch.is_tensor(text) else tuple(map(torch.cat, zip(text, text2)))
+            inputs = family.unet_inputs(text, args.resolution)  # encoder_hidden_states (B, 77, D) [, SDXL's added]
             n = len(noise)
             ref_pred = None
             if args.reg == "kl":
                 with torch.no_grad(), autocast(), reference_unet(unet, ref_unet) as pre_unet:
-                    ref_pred = pre_unet(x_t, t, emb).sample  # ε_pre (B, 4, h, w)
+                    ref_pred = pre_unet(x_t, t, **inputs).sample  # ε_pre (B, 4, h, w)
             last = micro_step == args.grad_accum - 1
             with model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext():
                 with autocast():
-                    pred = model(x_t, t, emb).sample  # (B [+ B], 4, h, w)
+                    pred = model(x_t, t, **inputs).sample  # (B [+ B], 4, h, w)
                 model_pred = pred[:n]
                 reg_pred, reg_target = None, None  # --reg none
                 if args.reg == "pretrain":
@@ -567,14 +587,14 @@ def main(args: Args) -> dict:
     summary = {}
     if dist.is_main:
         if args.lora_rank:
-            StableDiffusionPipeline.save_lora_weights(
+            family.pipeline_class.save_lora_weights(
                 out / "final" / "lora",
                 unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}"); ' \
+            load = f'pipe = {family.pipeline_class.__name__}.from_pretrained("{args.model}"); ' \
                    f'pipe.load_lora_weights("{out / "final" / "lora"}")'
         else:
             unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}", ' \
+            load = f'pipe = {family.pipeline_class.__name__}.from_pretrained("{args.model}", ' \
                    f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
         if args.reward_seeds and scorer is not None and grid_prompts:
             unet.eval()

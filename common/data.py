@@ -505,3 +505,76 @@ def cached_batch(cache: torch.Tensor, valid: torch.Tensor, pairs: Sequence[Pair]
         flip_l.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "l")))
     moments = torch.cat([cache[index, 0, flip_w], cache[index, 1, flip_l]])  # (2B, 2C, h, w)
     return moments, [pairs[i].caption for i in index], skipped
+
+
+# ---------------------------------------------------------------- AI feedback: pairs relabelled by a scorer
+
+
+class RelabelledPairs(Sequence):
+    """`pairs` with the winner chosen by a scorer: pair k is pairs[index[k]], its images swapped where swap[k]."""
+
+    def __init__(self, pairs: Sequence[Pair], index: np.ndarray, swap: np.ndarray):
+        self.pairs, self.index, self.swap = pairs, index, swap
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> Pair:
+        if not 0 <= k < len(self.index):
+            raise IndexError(k)
+        pair = self.pairs[int(self.index[k])]
+        return Pair(pair.caption, pair.image_l, pair.image_w) if self.swap[k] else pair
+
+
+def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist, batch_size: int = 32,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """The scorer's s(x, c) of both images of every pair, (N, 2) float32 [human winner, human loser], computed once
+    into `path` (safetensors) and read back by later runs. Under torchrun each rank scores every world_size-th pair
+    into its own shard file; every rank then reads all shards. NaN for a pair whose images do not decode. Images are
+    the training crop (shorter side resized to `resolution`, centre crop, no flip) in [0, 1]."""
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from common.runtime import barrier
+
+    path = Path(path)
+    shard = path.with_name(f"{path.stem}.rank{dist.rank}of{dist.world_size}.safetensors")
+    if not path.exists():
+        mine = list(range(dist.rank, len(pairs), dist.world_size))
+        chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+        scores = torch.full((len(mine), 2), float("nan"))
+        loader = DataLoader(PairDataset(pairs, resolution, random_flip=False, seed=0), batch_sampler=chunks,
+                            collate_fn=collate_skip_none)
+        for batch in tqdm(filter(None, loader), total=len(chunks), desc="relabelling", disable=not dist.is_main):
+            images = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device) * 0.5 + 0.5  # (2b, 3, R, R) in [0, 1]
+            with torch.no_grad():
+                s = scorer(images, batch["caption"] * 2).float().cpu().view(2, -1).T  # (b, 2)
+            scores[batch["index"] // dist.world_size] = s  # pair i is this rank's (i - rank) / world_size-th
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"scores": scores.contiguous()}, str(shard))
+        barrier()
+        if dist.is_main:
+            full = torch.full((len(pairs), 2), float("nan"))
+            for r in range(dist.world_size):
+                full[r::dist.world_size] = load_file(str(path.with_name(
+                    f"{path.stem}.rank{r}of{dist.world_size}.safetensors")))["scores"]
+            save_file({"scores": full}, str(path.with_suffix(".tmp")))
+            os.replace(path.with_suffix(".tmp"), path)  # complete or absent
+        barrier()
+    return load_file(str(path))["scores"]
+
+
+def relabel_pairs(pairs: Sequence[Pair], scores: torch.Tensor) -> tuple[RelabelledPairs, dict]:
+    """AI feedback (Diffusion-DPO paper Sec. 5.4; official --choice_model): the image the scorer rates higher wins.
+    scores (N, 2) [human winner, human loser] from score_pairs. Ties in the scorer's view (equal scores) and pairs
+    that did not decode (NaN) are dropped, as human ties are. Returns the pairs and counts: flipped (pairs whose
+    winner changed), agreement (the fraction of kept pairs where the scorer picks the human winner), dropped ties."""
+    s_w, s_l = scores[:, 0].numpy(), scores[:, 1].numpy()
+    keep = np.isfinite(s_w) & np.isfinite(s_l) & (s_w != s_l)
+    index = np.flatnonzero(keep)
+    swap = (s_l > s_w)[index]
+    stats = {"kept": len(index), "flipped": int(swap.sum()), "agreement": float(1 - swap.mean()) if len(index) else
+             float("nan"), "ties": int((np.isfinite(s_w) & (s_w == s_l)).sum()),
+             "undecodable": int((~np.isfinite(s_w) | ~np.isfinite(s_l)).sum())}
+    return RelabelledPairs(pairs, index, swap), stats
