@@ -63,6 +63,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import Adafactor
 
 from common import kernels
 from common.data import (Pair, decode_image, flip_decision, flip_seed, load_captioned_images, load_pairs, load_prompts,
@@ -159,6 +160,8 @@ class Args:
     """optimizer steps of linear warm-up from 0, then constant (None: 500 preferred, official; 0 generated)"""
     weight_decay: float = 1e-2
     """AdamW decoupled weight decay; β1 0.9, β2 0.999, ε 1e-8 (official)"""
+    optimizer: Literal["adamw", "adafactor"] | None = None
+    """None: AdamW (SD1.5), Adafactor (SDXL, as the official train.py for --sft --sdxl; settings as diffusion_dpo.py)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (official)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
@@ -363,7 +366,9 @@ def main(args: Args) -> dict:
     out = Path(out[0])
     family, turbo = model_family(args.model), is_turbo(args.model)  # common/models.py: SD1.5 or SDXL, chosen once
     timesteps = turbo_timesteps if turbo else all_timesteps
-    args = dataclasses.replace(args, resolution=args.resolution or (1024 if family.name == "sdxl" and not turbo else 512))
+    sdxl_base = family.name == "sdxl" and not turbo
+    args = dataclasses.replace(args, resolution=args.resolution or (1024 if sdxl_base else 512),
+                               optimizer=args.optimizer or ("adafactor" if family.name == "sdxl" else "adamw"))
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
     require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")
@@ -440,7 +445,11 @@ def main(args: Args) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    if args.optimizer == "adafactor":  # official SDXL: no relative step or parameter scaling, update clipping 1.0
+        optimizer = Adafactor(params, lr=lr, weight_decay=args.weight_decay, clip_threshold=1.0, scale_parameter=False,
+                              relative_step=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")  # fp16 needs loss scaling
     gen = torch.Generator().manual_seed(args.seed)  # the loop's only random stream: t, ε, z, prompt dropout
