@@ -23,6 +23,7 @@ Usage (the defaults are the official SD1.5 recipe, 2048 pairs per step = 1 per G
     python diffusion_dpo.py --grad-accum 2048 --cache-latents           # one GPU (about 16x the 16-GPU time)
     python diffusion_dpo.py --lora-rank 64 --dataset imagereward        # LoRA on ImageRewardDB's comparisons
     python diffusion_dpo.py --toy                                       # the offline toy world, ~2 min on a CPU
+    python diffusion_dpo.py --relabel-with pickscore                    # AI feedback: PickScore picks the winners
 
 SDXL (the paper's headline model; detected from the UNet's config, see common/models.py): the official
 launchers/sdxl.sh recipe, 1024 px, 2048 pairs per step, Adafactor, 200 warm-up steps, gradient checkpointing:
@@ -48,11 +49,10 @@ import scipy.stats
 import torch
 import torch.distributed as tdist
 import tyro
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -66,10 +66,10 @@ from common.data import (EpochPairs, PairDataset, build_latent_cache, cached_bat
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
                             cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
-from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, make_pipeline,
-                           model_family, turbo_timesteps, zero_terminal_snr)
+from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, load_vae,
+                           make_pipeline, model_family, save_final, turbo_timesteps, zero_terminal_snr)
 from common.scorers import load_scorer
-from common.toy import toy_reward, toy_sdxl_pipeline, toy_world
+from common.toy import toy_model_in, toy_reward, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
 PAPER_PAIRS_PER_STEP = 2048
@@ -163,7 +163,7 @@ class Args:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """autocast dtype over fp32 trained weights; the frozen VAE, text encoder and reference are stored in it"""
     gradient_checkpointing: bool = False
-    """recompute UNet activations in the backward pass: less memory, ~30 % slower"""
+    """recompute UNet activations in the backward pass: less memory, ~30 % slower (the official SDXL runs: always on)"""
     compile: bool = False
     """torch.compile the loss kernel (common/kernels.py); eager is the reference"""
     compile_unet: bool = False
@@ -206,9 +206,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """tyro over Args; with --toy the toy defaults replace Args' defaults, so flags given still win."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--toy" in argv:
-        sdxl = any(a in ("--toy-model=sdxl", "--toy_model=sdxl") for a in argv) or any(
-            a in ("--toy-model", "--toy_model") and b == "sdxl" for a, b in zip(argv, argv[1:]))
-        return tyro.cli(Args, args=argv, default=toy_defaults("sdxl" if sdxl else "sd15"))
+        return tyro.cli(Args, args=argv, default=toy_defaults(toy_model_in(argv)))
     return tyro.cli(Args, args=argv)
 
 
@@ -403,9 +401,7 @@ def main(args: Args) -> dict:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     autocast = functools.partial(torch.autocast, device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
     tokenizers, text_encoders = load_text_encoders(args.model, family, device, weight_dtype)
-    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else AutoencoderKL.from_pretrained(args.model,
-                                                                                                 subfolder="vae")
-    vae.to(device, weight_dtype).requires_grad_(False)
+    vae = load_vae(args.model, args.vae, device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")  # SD1.5: scaled_linear, 1000
     if turbo:  # official: turbo trains on a zero-terminal-SNR schedule (common.models.zero_terminal_snr)
         noise_scheduler.alphas_cumprod = zero_terminal_snr(noise_scheduler.alphas_cumprod)
@@ -577,15 +573,7 @@ def main(args: Args) -> dict:
     # ---- final weights in diffusers' format, then evaluation (rank 0)
     summary = {}
     if dist.is_main:
-        if args.lora_rank:
-            family.pipeline_class.save_lora_weights(
-                out / "final" / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = {family.pipeline_class.__name__}.from_pretrained("{args.model}"); ' \
-                   f'pipe.load_lora_weights("{out / "final" / "lora"}")'
-        else:
-            unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = {family.pipeline_class.__name__}.from_pretrained("{args.model}", ' \
-                   f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
+        load = save_final(family, unet, args.lora_rank > 0, args.model, out)  # final/unet or final/lora
         unet.eval()
         summary = {"train_pairs": len(pairs), "steps": args.steps, "pairs_per_step": pairs_per_step,
                    **({f"relabel/{k}": v for k, v in relabel.items()} if relabel else {}),

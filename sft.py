@@ -52,10 +52,9 @@ import scipy.stats
 import torch
 import torch.distributed as tdist
 import tyro
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
@@ -71,10 +70,10 @@ from common.data import (Pair, decode_image, flip_decision, flip_seed, load_capt
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
                             cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
-from common.models import (all_timesteps, ddim_sampler, is_turbo, load_text_encoders, make_pipeline, model_family,
-                           turbo_timesteps, zero_terminal_snr)
+from common.models import (all_timesteps, ddim_sampler, is_turbo, load_text_encoders, load_vae, make_pipeline,
+                           model_family, save_final, turbo_timesteps, zero_terminal_snr)
 from common.scorers import load_scorer
-from common.toy import png_bytes, toy_sdxl_pipeline, toy_world
+from common.toy import png_bytes, toy_model_in, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
 # Each baseline's recipe, for the fields left at None: images per step, steps, warm-up, learning rate per image.
@@ -209,9 +208,7 @@ def toy_defaults(toy_model: str = "sd15") -> Args:
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro over Args; with --toy the toy defaults replace Args' defaults, so flags given still win."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    sdxl = any(a in ("--toy-model=sdxl", "--toy_model=sdxl") for a in argv) or any(
-        a in ("--toy-model", "--toy_model") and b == "sdxl" for a, b in zip(argv, argv[1:]))
-    return tyro.cli(Args, args=argv, default=toy_defaults("sdxl" if sdxl else "sd15") if "--toy" in argv else None)
+    return tyro.cli(Args, args=argv, default=toy_defaults(toy_model_in(argv)) if "--toy" in argv else None)
 
 
 # ------------------------------------------------------------------------------------------- the algorithm
@@ -389,9 +386,7 @@ def main(args: Args) -> dict:
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     autocast = functools.partial(torch.autocast, device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
     tokenizers, text_encoders = load_text_encoders(args.model, family, device, weight_dtype)
-    vae = AutoencoderKL.from_pretrained(args.vae) if args.vae else AutoencoderKL.from_pretrained(args.model,
-                                                                                                 subfolder="vae")
-    vae.to(device, weight_dtype).requires_grad_(False)
+    vae = load_vae(args.model, args.vae, device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")  # SD1.5: scaled_linear, 1000
     if turbo:  # official: turbo trains on a zero-terminal-SNR schedule (common.models.zero_terminal_snr)
         noise_scheduler.alphas_cumprod = zero_terminal_snr(noise_scheduler.alphas_cumprod)
@@ -595,16 +590,7 @@ def main(args: Args) -> dict:
     # ---- final weights in diffusers' format, then the base-vs-trained reward comparison (rank 0)
     summary = {}
     if dist.is_main:
-        if args.lora_rank:
-            family.pipeline_class.save_lora_weights(
-                out / "final" / "lora",
-                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = {family.pipeline_class.__name__}.from_pretrained("{args.model}"); ' \
-                   f'pipe.load_lora_weights("{out / "final" / "lora"}")'
-        else:
-            unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = {family.pipeline_class.__name__}.from_pretrained("{args.model}", ' \
-                   f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
+        load = save_final(family, unet, args.lora_rank > 0, args.model, out)  # final/unet or final/lora
         if args.reward_seeds and scorer is not None and grid_prompts:
             unet.eval()
             if not args.lora_rank and ref_unet is None:  # loaded only now, so that it took no memory while training

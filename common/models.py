@@ -22,6 +22,7 @@ by its name, as the official code does.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -134,6 +135,14 @@ def ddim_sampler(scheduler_config) -> DDIMScheduler:
     return DDIMScheduler.from_config(scheduler_config, clip_sample=False, set_alpha_to_one=False)
 
 
+def load_vae(model: str, vae: str | None, device, dtype):
+    """The pipeline's VAE, or the one `vae` names (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix), frozen."""
+    from diffusers import AutoencoderKL
+
+    loaded = AutoencoderKL.from_pretrained(vae) if vae else AutoencoderKL.from_pretrained(model, subfolder="vae")
+    return loaded.to(device, dtype).requires_grad_(False)
+
+
 def make_pipeline(family: Family, model: str, unet, vae, tokenizers: list, text_encoders: list, scheduler):
     """A sampling pipeline of the family around these parts (no safety checker for SD1.5; SDXL keeps the model's
     force_zeros_for_empty_prompt, the unconditional branch of guidance)."""
@@ -145,3 +154,19 @@ def make_pipeline(family: Family, model: str, unet, vae, tokenizers: list, text_
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoders[0], tokenizer=tokenizers[0], unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def save_final(family: Family, unet, lora: bool, model: str, out: Path) -> str:
+    """The trained weights in diffusers' format: `out/final/lora` through the family's save_lora_weights (which its
+    load_lora_weights reads), or `out/final/unet`. Returns the line of code that loads the result."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    name = family.pipeline_class.__name__
+    if lora:
+        family.pipeline_class.save_lora_weights(
+            out / "final" / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+        return f'pipe = {name}.from_pretrained("{model}"); pipe.load_lora_weights("{out / "final" / "lora"}")'
+    unet.save_pretrained(out / "final" / "unet")
+    return (f'pipe = {name}.from_pretrained("{model}", '
+            f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))')

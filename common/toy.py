@@ -553,6 +553,15 @@ def build_sdxl(root: Path, world: ToyWorld, seed: int = 0, unet_steps: int = 100
                                                      build_seconds=round(time.time() - t0, 1))))
 
 
+def toy_model_in(argv: list[str]) -> str:
+    """The --toy-model a command line asks for ("sd15" unless "sdxl"), read before parsing so that --toy's
+    defaults (the scripts' toy_defaults) can point at the right pipeline."""
+    pairs = zip(argv, argv[1:] + [""])
+    sdxl = any(a in ("--toy-model=sdxl", "--toy_model=sdxl") or (a in ("--toy-model", "--toy_model") and b == "sdxl")
+               for a, b in pairs)
+    return "sdxl" if sdxl else "sd15"
+
+
 def toy_sdxl_pipeline(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """The toy SDXL pipeline folder (`$TOY_SDXL_DIR`, default `<repo>/.toy_world_sdxl`, + /pipeline), built on first
     use (about a minute on one core) from the SD1.5 toy world, whose data sets it shares. Process-safe as toy_world."""

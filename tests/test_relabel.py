@@ -80,3 +80,28 @@ def test_dpo_on_scorer_labelled_data_raises_the_toy_reward(world, tmp_path):
     assert rows[0]["step"] == 0 and rows[0]["data/relabel_agreement"] == 0.0  # the scorer disagrees with every label
     assert rows[0]["data/relabel_flipped"] == summary["relabel/kept"] == summary["train_pairs"]
     assert summary["eval/reward_final"] > summary["eval/reward_base"] and summary["eval/reward_pvalue"] < 0.01, summary
+
+
+def test_relabelling_under_torchrun_is_sharded_and_equals_one_process(world, tmp_path):
+    """2 processes (gloo) each score every second pair into their own shard; rank 0 joins them into the same scores
+    one process computes, and both ranks train on the same relabelled pairs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    repo = Path(__file__).resolve().parent.parent
+    flags = ["--toy", "--steps", "1", "--per-device-batch", "4", "--max-pairs", "40", "--eval-pairs", "4",
+             "--num-validation-prompts", "0", "--reward-seeds", "0", "--relabel-with", "toy"]
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(repo / "diffusion_dpo.py"),
+                    *flags, "--output-dir", str(tmp_path / "two")], check=True, cwd=repo)
+    dd.main(dd.parse_args([*flags, "--per-device-batch", "8", "--output-dir", str(tmp_path / "one")]))
+    cache_two, cache_one = tmp_path / "two" / "latent_cache", tmp_path / "one" / "latent_cache"
+    assert sorted(p.name.split(".", 1)[1] for p in cache_two.glob("scores-*.rank*")) == [
+        "rank0of2.safetensors", "rank1of2.safetensors"]
+    (joined,) = [p for p in cache_two.glob("scores-*.safetensors") if ".rank" not in p.name]
+    (single,) = [p for p in cache_one.glob("scores-*.safetensors") if ".rank" not in p.name]
+    assert torch.equal(load_file(joined)["scores"], load_file(single)["scores"])
+    rows = {run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("one", "two")}
+    assert rows["one"] == rows["two"]  # the step-0 relabel counts
