@@ -368,7 +368,10 @@ def main(args: Args) -> dict:
     eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs)
     relabel = None
     if args.relabel_with:  # AI feedback: the scorer's preferred image becomes the winner (scores cached, rank-sharded)
-        scorer = load_scorer(args.relabel_with, args.scorer_path, clip_path=args.clip_path, device=dist.device)
+        try:
+            scorer = load_scorer(args.relabel_with, args.scorer_path, clip_path=args.clip_path, device=dist.device)
+        except ValueError as e:
+            raise ValueError(f"--relabel-with {args.relabel_with}: {e}") from e
         key = json.dumps([args.relabel_with, args.scorer_path, args.clip_path, args.dataset, source, args.split,
                           args.max_pairs, args.resolution])
         path = Path(args.cache_dir or out / "latent_cache") / f"scores-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
@@ -392,6 +395,9 @@ def main(args: Args) -> dict:
         print(f"{args.steps} steps × {pairs_per_step} = {args.steps * pairs_per_step:,} pairs = "
               f"{args.steps * pairs_per_step / len(pairs):.2f} epochs of {len(pairs):,} {args.dataset} pairs "
               f"({args.split}, ties dropped); {len(eval_pairs)} held-out pairs ({args.eval_split})")
+        if family.name == "sdxl" and args.mixed_precision == "fp16" and args.vae is None:
+            print("WARNING: SDXL's own VAE overflows in fp16 (NaN latents): pass --vae madebyollin/sdxl-vae-fp16-fix "
+                  "as the official recipe does")
         if not args.toy and pairs_per_step != PAPER_PAIRS_PER_STEP:
             print(f"WARNING: {pairs_per_step} pairs per step, the paper used {PAPER_PAIRS_PER_STEP}: raise "
                   f"--grad-accum to {PAPER_PAIRS_PER_STEP // (args.per_device_batch * dist.world_size)} to match")

@@ -60,6 +60,11 @@ def test_the_toy_scorer_flips_back_exactly_the_flipped_subset(world, tmp_path):
     assert torch.equal(score_pairs(pairs, None, 32, path, dist), scores)  # cached: no scorer needed
 
 
+def test_an_unknown_scorer_is_rejected_with_the_flag_named(world, tmp_path):
+    with pytest.raises(ValueError, match="--relabel-with nonsense: unknown scorer"):
+        dd.main(dd.parse_args(["--toy", "--steps", "1", "--relabel-with", "nonsense", "--output-dir", str(tmp_path)]))
+
+
 def test_ties_in_the_scorers_view_are_dropped(world):
     pairs = load_pairs("pickapic", str(world.pickapic), "train", max_pairs=4)
     scores = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 2.0], [float("nan"), 1.0]])
