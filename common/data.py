@@ -136,9 +136,10 @@ def _open(source: str, split: str | None, required: list[str], layout: str) -> d
             names = _schema(file)
             if missing := [c for c in required if c not in names]:
                 raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; it has {names}")
+        files = [f for f in files if pq.read_metadata(f).num_rows > 0]  # `datasets` cannot read a 0-row file
+        if not files:
+            raise ValueError(f"{', '.join(map(str, _parquet_files(source, split)))}: 0 rows for split {split!r}")
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
-        if len(ds) == 0:
-            raise ValueError(f"{', '.join(map(str, files))}: 0 rows for split {split!r}")
     if len(ds) == 0:
         raise ValueError(f"{source}: 0 rows for split {split!r}")
     ds = ds.select_columns(required)
