@@ -142,26 +142,32 @@ def test_a_few_broken_rows_are_skipped_counted_and_never_reach_training(world, t
     assert content(layout, got) == content(layout, expected)
 
 
-MANY = {  # every row broken: the column was misread; the error names file, column, reasons and the first rows
+MANY = {  # every row (binary: every other row) broken: the column was misread; the error names file, column,
+    # the reasons and the first rows. {n}: the clean table's rows, {b}: the broken ones.
     "pickapic": (lambda t: set_cells(t, "label_0", range(t.num_rows), None),
-                 "{src} (split train), label_0/label_1: 2000 of 2000 rows have unusable labels (2000 null label_0); "
+                 "{src} (split train), label_0/label_1: {b} of {n} rows have unusable labels ({b} null label_0); "
                  "first rows [0, 1, 2, 3, 4]. More than --max-broken-fraction 0.01 of the rows"),
     "imagereward": (lambda t: set_cells(t, "rank", range(t.num_rows), "#1", as_text=True),
-                    "{src}/metadata-train.parquet, column rank: 1508 of 1508 rows have unusable labels (1508 "
+                    "{src}/metadata-train.parquet, column rank: {b} of {n} rows have unusable labels ({b} "
                     "non-numeric rank); first rows [0, 1, 2, 3, 4]. More than --max-broken-fraction 0.01"),
     "binary": (lambda t: set_cells(t, "label", range(0, t.num_rows, 2), "good", as_text=True),
-               "{src} (split train), column label: 750 of 1500 rows have unusable labels (750 non-numeric label); "
+               "{src} (split train), column label: {b} of {n} rows have unusable labels ({b} non-numeric label); "
                "first rows [0, 2, 4, 6, 8]. More than --max-broken-fraction 0.01"),
 }
 
 
+def many_message(layout: str, src: Path, n: int) -> str:
+    return re.escape(MANY[layout][1].format(src=src, n=n, b=(n + 1) // 2 if layout == "binary" else n))
+
+
 @pytest.mark.parametrize("layout", list(MANY))
 def test_many_broken_rows_stop_with_the_column_named(world, tmp_path, layout):
-    damage, message = MANY[layout]
-    src = copy_layout(world, layout, tmp_path, damage(clean_table(world, layout)))
-    with pytest.raises(ValueError, match=re.escape(message.format(src=src))):
+    clean = clean_table(world, layout)
+    src = copy_layout(world, layout, tmp_path, MANY[layout][0](clean))
+    with pytest.raises(ValueError, match=many_message(layout, src, clean.num_rows)):
         load(layout, src)
-    assert len(load(layout, src, max_broken=1.0)) == (750 if layout == "binary" else 0)  # the bar is the flag
+    kept = clean.num_rows // 2 if layout == "binary" else 0
+    assert len(load(layout, src, max_broken=1.0)) == kept  # the bar is the flag
 
 
 @pytest.mark.parametrize("layout", ["pickapic", "imagereward", "binary"])
@@ -240,14 +246,15 @@ def test_each_script_counts_broken_rows_and_images_exactly(world, tmp_path, capl
         rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
         assert rows[-1]["charts/skipped_images_total"] == expected
     else:  # every pair is embedded once: the 2 pairs are dropped from training
-        kept = 2000 - 3 - sum(v == 0.5 for v in without(clean, FEW)["label_0"].to_pylist())
+        kept = clean.num_rows - 3 - sum(v == 0.5 for v in without(clean, FEW)["label_0"].to_pylist())
         assert f"pickapic train: skipped 2 of {kept} pairs with an undecodable image" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", ["diffusion_dpo", "sft", "reward_model"])
 def test_each_script_stops_on_a_misread_label_column(world, tmp_path, script):
-    src = copy_layout(world, "pickapic", tmp_path, MANY["pickapic"][0](clean_table(world, "pickapic")))
-    with pytest.raises(ValueError, match=re.escape(MANY["pickapic"][1].format(src=src))):
+    clean = clean_table(world, "pickapic")
+    src = copy_layout(world, "pickapic", tmp_path, MANY["pickapic"][0](clean))
+    with pytest.raises(ValueError, match=many_message("pickapic", src, clean.num_rows)):
         run_script(script, src, tmp_path / "run", tmp_path / "cache")
 
 
@@ -363,7 +370,10 @@ def test_two_runs_building_the_same_generated_set_do_not_collide(world, tmp_path
 
     def generate(*a, **k):
         if not inner:  # the first batch of the first run: a concurrent run builds the same set from start to end
-            inner.append(sft.generated_set(args, pipe, scorer, prompts, dist, autocast))
+            inner.append(None)
+            inner[0] = sft.generated_set(args, pipe, scorer, prompts, dist, autocast)
+            # the first run's half-written part file survived the second run (it used to be wiped mid-write)
+            inner.append([f.name for f in (tmp_path / "gen").glob("*.tmp-*/part-*.parquet")])
         return real_generate(*a, **k)
 
     sft.generate = generate
@@ -371,6 +381,7 @@ def test_two_runs_building_the_same_generated_set_do_not_collide(world, tmp_path
         first = sft.generated_set(args, pipe, scorer, prompts, dist, autocast)
     finally:
         sft.generate = real_generate
+    assert inner[1] == ["part-00000.parquet"]
     assert first == inner[0] and (first / "meta.json").exists()
     assert [p.name for p in (tmp_path / "gen").iterdir()] == [first.name]  # the loser's private folder is gone
     rows, rewards = sft.load_generated(first)
