@@ -417,7 +417,8 @@ def main(args: Args) -> dict:
     out = Path(out[0])
     check_model_path(args.model, "--model")  # before the data loads: a mistyped path fails in a second
     check_resolution(args.model, args.resolution)
-    require(0 <= args.max_broken_fraction < 1, f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.beta > 0, f"--beta must be > 0, got {args.beta}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(args.steps >= 1 and args.lora_rank >= 0 and args.eval_draws >= 1, "--steps, --eval-draws must be >= 1 "

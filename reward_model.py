@@ -467,7 +467,8 @@ def main(args: Args) -> dict[str, float]:
     if tdist.is_initialized():
         tdist.broadcast_object_list(out, src=0)  # one folder for all ranks, even if their clocks tick apart
     args = dataclasses.replace(args, output_dir=out[0])
-    require(0 <= args.max_broken_fraction < 1, f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     seed_everything(args.seed, dist.rank)
 

@@ -310,9 +310,9 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
     the number of GPUs; rank r draws images r, r + W, ... into part-<r>.parquet (index, caption, image as PNG,
     reward); meta.json, written last, marks the set complete. The set is written into a folder of this run's own and
     renamed into place when complete (atomic), so two runs with the same settings never write into one folder: if
-    another run publishes the same set first, ours is discarded and theirs used. Training re-encodes the images with the VAE, as Lee
-    et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own decoded image (43 %
-    relative distance on the toy model), and the UNet was trained on the encoder's latents.
+    another run publishes the same set first, ours is discarded and theirs used. Training re-encodes the images with
+    the VAE, as Lee et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own
+    decoded image (43 % relative distance on the toy model), and the UNet was trained on the encoder's latents.
     """
     key = dict(model=args.model, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest(), seed=args.seed,
                num_images=args.num_images, sample_steps=args.sample_steps, guidance=args.generated_guidance_scale,
@@ -386,7 +386,8 @@ def main(args: Args) -> dict:
     out = Path(out[0])
     check_model_path(args.model, "--model")  # before anything loads: a mistyped path fails in a second
     check_resolution(args.model, args.resolution)
-    require(0 <= args.max_broken_fraction < 1, f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
     require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")

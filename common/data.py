@@ -233,10 +233,12 @@ def load_pickapic(
     ds = _open(source, split, ["caption", "jpg_0", "jpg_1", "label_0", "label_1"], layout)
     label_0, null_0, text_0 = _numbers(ds.data.column("label_0"))
     label_1, null_1, text_1 = _numbers(ds.data.column("label_1"))
-    valid = ((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1)) | ((label_0 == 0.5) & (label_1 == 0.5))
+    valid = (((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1))
+             | ((label_0 == 0.5) & (label_1 == 0.5)))
     broken, skipped = _broken_rows({
         "null label_0": null_0, "null label_1": null_1, "non-numeric label_0": text_0, "non-numeric label_1": text_1,
-        "label pair not (1, 0), (0, 1) or (0.5, 0.5)": ~valid}, max_broken, f"{source} (split {split}), label_0/label_1")
+        "label pair not (1, 0), (0, 1) or (0.5, 0.5)": ~valid,
+    }, max_broken, f"{source} (split {split}), label_0/label_1")
     tie = valid & (label_0 == 0.5)
     has_caption = _nonempty(ds.data.column("caption").to_pylist())
     skipped["empty caption"] = int((~has_caption & ~broken).sum())
@@ -303,8 +305,9 @@ def _imagereward_rows(source: str, split: str, max_broken: float) -> tuple[list[
         loaders = [functools.partial(read_imagereward_image, str(meta.parent), p) for p in ds["image_path"]]
     rank, null, text = _numbers(ds.data.column("rank"))
     whole = ~np.isnan(rank) & (rank >= 1) & (np.mod(rank, 1) == 0)  # ImageRewardDB ranks are 1 (best), 2, ...
-    broken, skipped = _broken_rows({"null rank": null, "non-numeric rank": text, "rank not a whole number >= 1": ~whole},
-                                   max_broken, f"{meta}, column rank")
+    broken, skipped = _broken_rows(
+        {"null rank": null, "non-numeric rank": text, "rank not a whole number >= 1": ~whole},
+        max_broken, f"{meta}, column rank")
     table = ds.select_columns(["prompt_id", "prompt"]).to_dict()
     has_prompt = _nonempty(table["prompt"])
     skipped["empty prompt"] = int((~has_prompt & ~broken).sum())

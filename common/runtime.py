@@ -214,7 +214,8 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, dict[s
     return final
 
 
-def load_checkpoint(path: str | Path, script: str | None = None) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict]:
+def load_checkpoint(path: str | Path,
+                    script: str | None = None) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict]:
     """(step, weights, extra) from a checkpoint folder, or from an output dir: its `latest` checkpoint, or, if that
     one does not load (a half-written step: a kill or power cut inside a save on a filesystem without atomic
     rename, a torn `latest`), the newest earlier checkpoint that does, with a warning naming what was passed over.

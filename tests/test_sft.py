@@ -165,7 +165,8 @@ def test_two_processes_equal_one(world, generated_dir, tmp_path):
     # §4.2); the loss sums over a micro-batch's latents (16 x 4 x 8 x 8), the gradient over every weight.
     import math
 
-    num_weights = sum(v.numel() for v in load_file(world.pipeline / "unet/diffusion_pytorch_model.safetensors").values())
+    num_weights = sum(v.numel() for v in load_file(world.pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+                      .values())
     rtol = math.sqrt(num_weights) * torch.finfo(torch.float32).eps
     for a, b in zip(rows["one"], rows["two"], strict=True):
         for key in ("losses/loss", "losses/mse", "losses/reg"):
