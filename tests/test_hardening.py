@@ -297,6 +297,7 @@ def test_single_file_source_has_no_held_out_evaluation(world, tmp_path, capsys):
     assert "0 held-out pairs" in out and "no held-out evaluation (no held-out split)" in out
     assert not any(k.startswith("eval/") for k in summary)
     assert json.loads((tmp_path / "run" / "eval.json").read_text()) == summary
+    run_load_line(out, "load the result with:", tmp_path)  # from another folder, as printed
 
 
 # ---------------------------------------------------------------- run folders, resume arguments, start-up checks
