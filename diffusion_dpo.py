@@ -62,9 +62,10 @@ from transformers import Adafactor
 
 from common import kernels
 from common.data import (EpochPairs, PairDataset, build_latent_cache, cached_batch, collate_pairs, collate_skip_none,
-                         load_pairs, load_prompts, micro_batches, relabel_pairs, score_pairs)
-from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
-                            cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
+                         has_heldout_split, load_pairs, load_prompts, micro_batches, relabel_pairs, score_pairs)
+from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
+                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, load_vae,
                            make_pipeline, model_family, save_final, turbo_timesteps, zero_terminal_snr)
@@ -87,6 +88,8 @@ class Args:
     """seeds data order, flips, t, ε, prompt dropout (the same stream on every GPU: see draw_noise) and LoRA init"""
     resume: bool = False
     """continue exactly from <output-dir>/checkpoints/latest: data order, RNG streams, optimizer, LR schedule"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     stop_at_step: int | None = None
     """checkpoint and exit after this step, as a preempted job would; run again with --resume to continue"""
 
@@ -103,7 +106,11 @@ class Args:
     split: str = "train"
     """training split; ties (0.5/0.5) are dropped as in the official code (~851k Pick-a-Pic v2 pairs remain)"""
     eval_split: str = "validation"
-    """held-out split for the final implicit-reward accuracy (paper: 60.8 % on Pick-a-Pic v2 validation)"""
+    """held-out split for the final implicit-reward accuracy (paper: 60.8 % on Pick-a-Pic v2 validation); a single
+    parquet file as --dataset-source has no held-out split: the evaluation is then skipped, with a message"""
+    max_broken_fraction: float = 0.01
+    """rows with unusable labels (null, non-numeric, out of range) are skipped and counted up to this fraction of a
+    split; above it the run stops, naming the column (common/data.py)"""
     relabel_with: str | None = None
     """AI feedback (official --choice_model): a common.scorers.load_scorer name (toy, clip, pickscore, aesthetic,
     reward-model, ...) that picks each training pair's winner, once before training; scorer ties dropped"""
@@ -343,6 +350,7 @@ def main(args: Args) -> dict:
     if dist.world_size > 1:
         tdist.broadcast_object_list(out, src=0)  # one timestamped folder for all ranks
     out = Path(out[0])
+    check_model_path(args.model, "--model")  # before the data loads: a mistyped path fails in a second
     family, turbo = model_family(args.model), is_turbo(args.model)  # common/models.py: SD1.5 or SDXL, chosen once
     timesteps = turbo_timesteps if turbo else all_timesteps
     sdxl_base = family.name == "sdxl" and not turbo
@@ -351,6 +359,9 @@ def main(args: Args) -> dict:
         prompt_dropout=(0.0 if turbo else 0.2) if args.prompt_dropout is None else args.prompt_dropout,
         warmup_steps=(200 if family.name == "sdxl" else 500) if args.warmup_steps is None else args.warmup_steps,
         optimizer=args.optimizer or ("adafactor" if family.name == "sdxl" else "adamw"))
+    check_resolution(args.model, args.resolution)
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.beta > 0, f"--beta must be > 0, got {args.beta}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(args.steps >= 1 and args.lora_rank >= 0 and args.eval_draws >= 1, "--steps, --eval-draws must be >= 1 "
@@ -359,13 +370,20 @@ def main(args: Args) -> dict:
             "--log-every, --checkpoint-every and --sample-every must be >= 1")
     require(args.mixed_precision != "fp16" or dist.device.type == "cuda", "--mixed-precision fp16 needs a GPU")
     require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
+    prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     pairs_per_step = batch_arithmetic(args.per_device_batch, dist.world_size, args.grad_accum)
     lr = args.learning_rate * (pairs_per_step if args.scale_lr else 1)
     seed_everything(args.seed, dist.rank)
 
     # ---- data: winner first, ties dropped (common.data.load_pairs)
-    pairs = load_pairs(args.dataset, source, args.split, max_pairs=args.max_pairs)
-    eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs)
+    pairs = load_pairs(args.dataset, source, args.split, max_pairs=args.max_pairs, max_broken=args.max_broken_fraction)
+    eval_pairs = []  # a single parquet file is one split: evaluating "held-out" on it would reuse the training rows
+    if has_heldout_split(source):
+        eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs,
+                                max_broken=args.max_broken_fraction)
+    elif dist.is_main:
+        print(f"--dataset-source {source} is a single parquet file, so it has no held-out split: the held-out "
+              f"evaluation is skipped (point to a folder with {args.split} and {args.eval_split} splits to run it)")
     relabel = None
     if args.relabel_with:  # AI feedback: the scorer's preferred image becomes the winner (scores cached, rank-sharded)
         try:
@@ -440,9 +458,11 @@ def main(args: Args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # the loop's only random stream: t, ε, z, prompt dropout
     weights_name = "unet_lora" if args.lora_rank else "unet"
 
-    start = 0
+    start, skipped_total = 0, 0  # pairs replaced because an image did not decode, over the whole run
     if args.resume:
-        start, weights, extra = load_checkpoint(out)
+        start, weights, extra = load_checkpoint(out, script="diffusion_dpo.py")
+        check_resume_args(extra["args"], args)
+        skipped_total = extra.get("skipped_pairs_total", 0)
         require(len(extra["rng"]) == dist.world_size, f"the checkpoint was written by {len(extra['rng'])} "
                 f"processes; resume with as many (this run has {dist.world_size})")
         require(weights_name in weights, f"the checkpoint holds {list(weights)}, not {weights_name}: resume with "
@@ -488,7 +508,8 @@ def main(args: Args) -> dict:
     if args.validation_prompts:
         grid_prompts = load_prompts(args.validation_prompts)[:args.num_validation_prompts]
     else:
-        grid_prompts = list(dict.fromkeys(eval_pairs[i].caption for i in range(len(eval_pairs))))
+        shown = eval_pairs or pairs  # the training captions when there is no held-out split
+        grid_prompts = list(dict.fromkeys(shown[i].caption for i in range(min(len(shown), 1000))))
         grid_prompts = grid_prompts[:args.num_validation_prompts]
 
     def sample_grid(step: int) -> None:  # rank 0 only: fixed-seed samples of the current UNet
@@ -548,11 +569,14 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         pairs_since += pairs_per_step
+        skipped_total += round(stats[list(totals).index("charts/skipped_pairs")].item() * args.grad_accum *
+                               dist.world_size)  # every step, not only logged ones
 
         if step % args.log_every == 0 or step == 1:
             row = dict(zip(totals, stats.tolist()))
             row["charts/skipped_pairs"] *= args.grad_accum * dist.world_size  # a count, not a mean
-            row.update({"charts/learning_rate": lr_now, "charts/grad_norm": grad_norm.item(),
+            row.update({"charts/skipped_pairs_total": skipped_total, "charts/learning_rate": lr_now,
+                        "charts/grad_norm": grad_norm.item(),
                         "charts/pairs_seen": step * pairs_per_step, "charts/epoch": step * pairs_per_step / len(pairs),
                         "charts/pairs_per_second": pairs_since / (time.time() - clock)})
             logger.log(row, step)
@@ -560,9 +584,10 @@ def main(args: Args) -> dict:
             clock, pairs_since = time.time(), 0
         if step % args.checkpoint_every == 0 or step == args.stop_at_step:
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
-            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], extra={
+            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="diffusion_dpo.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "args": args, "base_model": args.model})
+                "scaler": scaler.state_dict(), "args": args, "base_model": args.model,
+                "skipped_pairs_total": skipped_total})
         if dist.is_main and grid_prompts and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(step)
         barrier()
@@ -582,9 +607,11 @@ def main(args: Args) -> dict:
         load = save_final(family, unet, args.lora_rank > 0, args.model, out)  # final/unet or final/lora
         unet.eval()
         summary = {"train_pairs": len(pairs), "steps": args.steps, "pairs_per_step": pairs_per_step,
-                   **({f"relabel/{k}": v for k, v in relabel.items()} if relabel else {}),
-                   **heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizers, text_encoders, family, timesteps,
-                                  noise_scheduler, args, autocast)}
+                   "skipped_pairs_total": skipped_total,
+                   **({f"relabel/{k}": v for k, v in relabel.items()} if relabel else {})}
+        if eval_pairs:
+            summary.update(heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizers, text_encoders, family, timesteps,
+                                        noise_scheduler, args, autocast))
         if args.toy and args.reward_seeds:  # the toy reward of fixed-seed samples, base model vs trained model
             prompts = [p for _ in range(args.reward_seeds) for p in load_prompts(str(toy_world().prompts))]
             seeds = list(range(len(prompts)))
@@ -601,7 +628,8 @@ def main(args: Args) -> dict:
                             "reward_test": "Wilcoxon signed-rank, two-sided, paired by prompt and seed"})
         logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"
+        print((f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"
+               if eval_pairs else "no held-out evaluation (no held-out split)")
               + (f"; toy reward {summary['eval/reward_base']:.4f} -> {summary['eval/reward_final']:.4f} "
                  f"(p = {summary['eval/reward_pvalue']:.2g})" if "eval/reward_base" in summary else ""))
         print(f"load the result with:\n    {load}")

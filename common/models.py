@@ -158,15 +158,18 @@ def make_pipeline(family: Family, model: str, unet, vae, tokenizers: list, text_
 
 def save_final(family: Family, unet, lora: bool, model: str, out: Path) -> str:
     """The trained weights in diffusers' format: `out/final/lora` through the family's save_lora_weights (which its
-    load_lora_weights reads), or `out/final/unet`. Returns the line of code that loads the result."""
+    load_lora_weights reads), or `out/final/unet`. Returns a line of code that loads the result from any folder."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+
+    from common.runtime import absolute
 
     name = family.pipeline_class.__name__
     if lora:
         family.pipeline_class.save_lora_weights(
             out / "final" / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-        return f'pipe = {name}.from_pretrained("{model}"); pipe.load_lora_weights("{out / "final" / "lora"}")'
+        return (f'from diffusers import {name}; pipe = {name}.from_pretrained("{absolute(model)}"); '
+                f'pipe.load_lora_weights("{absolute(out / "final" / "lora")}")')
     unet.save_pretrained(out / "final" / "unet")
-    return (f'pipe = {name}.from_pretrained("{model}", '
-            f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))')
+    return (f'from diffusers import {name}, UNet2DConditionModel; pipe = {name}.from_pretrained("{absolute(model)}", '
+            f'unet=UNet2DConditionModel.from_pretrained("{absolute(out / "final" / "unet")}"))')
