@@ -564,7 +564,7 @@ def toy_model_in(argv: list[str]) -> str:
 
 def toy_sdxl_pipeline(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """The toy SDXL pipeline folder (`$TOY_SDXL_DIR`, default `<repo>/.toy_world_sdxl`, + /pipeline), built on first
-    use (about a minute on one core) from the SD1.5 toy world, whose data sets it shares. Process-safe as toy_world."""
+    use (a few CPU-minutes: 1000 UNet steps) from the SD1.5 toy world, whose data sets it shares. Process-safe as toy_world."""
     from filelock import FileLock
 
     world = toy_world()
@@ -578,7 +578,7 @@ def toy_sdxl_pipeline(root: str | os.PathLike | None = None, seed: int = 0) -> P
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root) + ".lock"):
             if not ready():
-                print(f"building the toy SDXL pipeline in {root} (once; about a minute)...", flush=True)
+                print(f"building the toy SDXL pipeline in {root} (once; a few minutes)...", flush=True)
                 tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
                 shutil.rmtree(tmp, ignore_errors=True)
                 threads = torch.get_num_threads()
