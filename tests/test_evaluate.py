@@ -101,6 +101,21 @@ def test_inception_score_hand_values():
     assert evaluate.inception_score(np.tile([[0.2, 0.8]], (10, 1)), splits=2) == pytest.approx((1.0, 0.0))
 
 
+def test_inception_score_splits_as_improved_gan():
+    """Part i = rows [i·N//10, (i+1)·N//10), written out as openai/improved-gan's inception_score/model.py loop;
+    at N = 1003 np.array_split's parts differ from those and so does the std."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(1003, 7)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    scores = []
+    for i in range(10):
+        part = probs[(i * probs.shape[0] // 10):((i + 1) * probs.shape[0] // 10), :]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    mean, std = evaluate.inception_score(probs, splits=10)
+    assert mean == pytest.approx(np.mean(scores), rel=1e-9) and std == pytest.approx(np.std(scores), rel=1e-6)
+
+
 class _FakeInception(torch.nn.Module):
     """The interface of clean-fid's TorchScript Inception (inception-2015-12-05.pt), with random weights: `layers`
     maps normalised 299 px images to pool features; forward(img in [0, 255]) gives the 1008-way softmax."""
