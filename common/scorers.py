@@ -496,7 +496,9 @@ class ImageRewardModel(nn.Module):
         text = {k: med_config.get(k, v) for k, v in BLIP_MED_CONFIG.items()}
         # is_decoder=True builds the cross-attention layers; forward(is_decoder=False) keeps the self-attention
         # bidirectional, as BLIP's BertModel in mode 'multimodal'.
-        self.text_encoder = BlipTextModel(BlipTextConfig(**text, encoder_hidden_size=width, is_decoder=True),
+        # bos = BLIP's [DEC] (the second-last row); the encoder never reads bos/sep, set only so the config is sane
+        self.text_encoder = BlipTextModel(BlipTextConfig(**text, encoder_hidden_size=width, is_decoder=True,
+                                                         bos_token_id=text["vocab_size"] - 2, sep_token_id=None),
                                           add_pooling_layer=False)
         self.mlp = ImageRewardMLP(text["hidden_size"])
         self.image_size = grid * patch
