@@ -3,8 +3,14 @@
 DPOK's custom reward (Fan et al. 2023, https://arxiv.org/abs/2305.16381) and the reward of Lee et al. 2023
 ("Aligning Text-to-Image Models using Human Feedback", https://arxiv.org/abs/2302.12192):
 
-    r_φ(x, z) = MLP_φ([e_I(x) / |e_I(x)|, e_T(z) / |e_T(z)|])    e_I, e_T: frozen CLIP ViT-L/14 embeddings (768 + 768)
-    MLP_φ: three Linear(·, 512) + LeakyReLU, then Linear(512, 1)   (common/scorers.py: RewardMLP)
+    --head dpok:  r_φ(x, z) = σ(MLP_φ([e_T(z), e_I(x)]))                 DPOK's RewardModel (dpok/reward_model.py)
+    --head mlp:   r_φ(x, z) = MLP_φ([e_I(x) / |e_I(x)|, e_T(z) / |e_T(z)|])   ours
+    e_I, e_T: frozen CLIP ViT-L/14 embeddings (768 + 768); MLP_φ: three Linear(·, 512) + LeakyReLU, then
+    Linear(512, 1) (common/scorers.py: RewardMLP). DPOK's head ends in a sigmoid on raw embeddings, so r ∈ (0, 1):
+    the scale DPOK's α (10 to 1000) was tuned for, and the scale of Lee et al.'s labels. It is the default with
+    --loss binary --label-loss mse (DPOK's custom reward was trained that way). With --loss pairwise the default is
+    ours, a departure: a sigmoid caps the Bradley-Terry logit r_w - r_l at ±1 (P(x_w ≻ x_l) ≤ σ(1) = 0.73), and
+    our unbounded r has another scale (tens on the toy world): rescale α when DPOK uses it (docs/dpok.md).
 
 --loss pairwise: Bradley–Terry on preference pairs x_w ≻ x_l for a prompt z (ImageRewardDB and/or Pick-a-Pic):
 
@@ -106,6 +112,9 @@ class Args:
     """binary: T, the softmax temperature of the prompt-classification term, softmax_i r(x, z_i) / T"""
     clip_path: str = CLIP_L14
     """the frozen CLIP backbone (hub id or folder); DPOK uses ViT-L/14"""
+    head: Literal["dpok", "mlp"] | None = None
+    """dpok: σ(MLP([e_T, e_I])) on raw embeddings, DPOK's; mlp: MLP([e_I/|e_I|, e_T/|e_T|]), ours (None: dpok with
+    --loss binary --label-loss mse, DPOK's recipe; mlp otherwise, as a sigmoid caps the Bradley-Terry logit at ±1)"""
     hidden_dim: int = 512
     """width of the MLP's hidden layers (DPOK: 512)"""
     num_hidden_layers: int = 3
@@ -441,6 +450,9 @@ def toy_args(**overrides) -> Args:
 
 def main(args: Args) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    head_form = args.head or ("dpok" if args.loss == "binary" and args.label_loss == "mse" else "mlp")
+    require(not (head_form == "dpok" and args.loss == "binary" and args.label_loss == "bce"),
+            "--head dpok with --label-loss bce: the head already ends in a sigmoid; use --label-loss mse or --head mlp")
     require(len(args.dataset) > 0 and len(set(args.dataset)) == len(args.dataset),
             f"--dataset: one or more distinct of imagereward, pickapic (got {args.dataset})")
     require(args.loss != "binary" or args.binary_source != "",
@@ -499,7 +511,7 @@ def main(args: Args) -> dict[str, float]:
     # Seed again here: filling the cache draws from the global RNG (DataLoader seeds), a cache hit does not, and
     # the head's initialisation must not depend on which happened.
     seed_everything(args.seed, dist.rank)
-    head = RewardMLP(embed_dim, args.hidden_dim, args.num_hidden_layers).to(device)
+    head = RewardMLP(embed_dim, args.hidden_dim, args.num_hidden_layers, head_form).to(device)
     model = torch.nn.parallel.DistributedDataParallel(head) if dist.world_size > 1 else head
     forward = torch.compile(model) if args.compile else model
     loss_fn = kernels.compiled(pairwise_loss if args.loss == "pairwise" else binary_loss, args.compile)
@@ -518,7 +530,7 @@ def main(args: Args) -> dict[str, float]:
     if dist.is_main:
         write_args(args.output_dir, args)
     logger = MetricsLogger(args.output_dir, enabled=dist.is_main, resume_step=start if args.resume else None)
-    config = dict(clip=args.clip_path, embed_dim=embed_dim, hidden_dim=args.hidden_dim,
+    config = dict(clip=args.clip_path, embed_dim=embed_dim, hidden_dim=args.hidden_dim, head=head_form,
                   num_hidden_layers=args.num_hidden_layers, loss=args.loss, dataset=list(args.dataset),
                   **(dict(label_loss=args.label_loss) if args.loss == "binary" else {}))
     clip_acc = {k: v for k, v in evaluate(head, eval_sets, None).items() if "clip_score" in k}
