@@ -5,8 +5,11 @@ Hugging Face hub, and a newcomer wants to watch a method work in two minutes fir
 and runs its *real* code path on this world: the same diffusers/transformers classes loaded with the same
 `from_pretrained(path)` calls, the same dataset layouts read by the same loaders, only smaller.
 
-The world (built once from a seed, about two minutes on 2 CPU cores, then cached in `$TOY_WORLD_DIR`,
-default `<repo>/.toy_world`):
+The world ships with the project, in `toy_world/` (about 8 MB, versioned in git): a fresh clone trains at once,
+and every machine starts from the same bytes, so the toy figures in the docs come back. `$TOY_WORLD_DIR` points
+elsewhere. The builder stays: `python -m common.toy --rebuild` rebuilds it from its seed (about four minutes on 2
+idle CPU cores; the result differs in the last bits between CPUs and thread counts, which is why we ship it), and
+`toy_world()` builds a missing world on first use.
 
     pipeline/      StableDiffusionPipeline folder: UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer
                    (a vocabulary of our own, no downloaded files), DDIMScheduler with SD1.5's schedule
@@ -27,7 +30,8 @@ learns to follow the caption; the size of the shape is left free, so samples var
 preference data prefer the image with the higher toy reward, so a method that aligns the model to them makes the
 shapes bigger while keeping colours and shapes right, which is what the tests measure.
 
-Run `python -m common.toy` to build the world and draw a grid of captioned samples (docs/toy_samples.png).
+Run `python -m common.toy` to draw a grid of captioned samples of the base model (docs/toy_samples.png), and
+`python -m common.toy --rebuild` to build the world anew first.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ from PIL import Image, ImageDraw
 
 VERSION = "1"  # bump when the world changes, so stale caches are rebuilt
 RESOLUTION = 32
-DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".toy_world"
+DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "toy_world"  # shipped with the project
 
 # The toy vocabulary. Object colours never equal background colours, so the reward is unambiguous.
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
@@ -289,11 +293,12 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def _write_datasets(root: Path, rng: random.Random) -> None:
+def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
+    n_ = lambda n: max(8, int(n * scale))  # noqa: E731  (scale < 1: the reduced build of the tests)
     reward = lambda img, p: float(toy_reward(to_tensor([img]), [p])[0])  # noqa: E731
     # Pick-a-Pic v2: pairs of images for one caption; the "human" prefers the higher toy reward, a tie when the
     # rewards are within 0.01 (about 8 % of pairs), as Pick-a-Pic's 0.5/0.5 rows.
-    for split, n in (("train", 2000), ("validation", 200), ("test", 200)):
+    for split, n in (("train", n_(2000)), ("validation", n_(200)), ("test", n_(200))):
         rows = []
         for i in range(n):
             p = rng.choice(PROMPTS)
@@ -309,7 +314,7 @@ def _write_datasets(root: Path, rng: random.Random) -> None:
             ))
         _write_parquet(rows, root / "pickapic" / split / "part-0.parquet")
     # ImageRewardDB: a prompt with several images ranked 1 (best) .. k; equal rounded rewards share a rank.
-    for split, n_prompts in (("train", 300), ("validation", 40), ("test", 40)):
+    for split, n_prompts in (("train", n_(300)), ("validation", n_(40)), ("test", n_(40))):
         rows, part = [], f"{split}_1"
         zpath = root / "imagereward" / "images" / split / f"{part}.zip"
         zpath.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +335,7 @@ def _write_datasets(root: Path, rng: random.Random) -> None:
         _write_parquet(rows, root / "imagereward" / f"metadata-{split}.parquet")
     # Binary labels (Lee et al. 2023): good (1) when the shape has the prompt's colour and is large enough; a third
     # of the images are drawn in a wrong colour, so text alignment matters as well as size.
-    for split, n in (("train", 1500), ("validation", 300)):
+    for split, n in (("train", n_(1500)), ("validation", n_(300))):
         rows = []
         for _ in range(n):
             p = rng.choice(PROMPTS)
@@ -340,7 +345,7 @@ def _write_datasets(root: Path, rng: random.Random) -> None:
             rows.append(dict(prompt=p, image=png_bytes(im), label=int(reward(im, p) > 0.2)))
         _write_parquet(rows, root / "binary" / f"{split}.parquet")
     rows = []
-    for _ in range(1000):
+    for _ in range(n_(1000)):
         p = rng.choice(PROMPTS)
         rows.append(dict(caption=p, image=png_bytes(draw(p, rng))))
     _write_parquet(rows, root / "pretrain.parquet")
@@ -350,8 +355,10 @@ def _write_datasets(root: Path, rng: random.Random) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Building and caching
 # ----------------------------------------------------------------------------------------------------------------
-def build(root: Path, seed: int = 0, vae_steps: int = 700, unet_steps: int = 1000, clip_steps: int = 150) -> None:
-    """Build the whole world into `root` (overwriting). Deterministic from `seed` on a given machine."""
+def build(root: Path, seed: int = 0, vae_steps: int = 700, unet_steps: int = 1000, clip_steps: int = 150,
+          data_scale: float = 1.0) -> None:
+    """Build the whole world into `root` (overwriting). Deterministic from `seed` on a given machine and thread
+    count; other CPUs give other last bits (hence the shipped copy). Smaller steps/data_scale: a quick check."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
@@ -411,13 +418,14 @@ def build(root: Path, seed: int = 0, vae_steps: int = 700, unet_steps: int = 100
     clip.save_pretrained(root / "clip")
     processor.save_pretrained(root / "clip")
 
-    _write_datasets(root, rng)
+    _write_datasets(root, rng, data_scale)
     log("data sets written")
-    (root / "world.json").write_text(json.dumps(dict(version=VERSION, seed=seed, build_seconds=round(time.time() - t0, 1))))
+    (root / "world.json").write_text(json.dumps(dict(version=VERSION, seed=seed, data_scale=data_scale,
+                                                   build_seconds=round(time.time() - t0, 1))))
 
 
 def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
-    """The toy world at `root` (default `$TOY_WORLD_DIR` or `<repo>/.toy_world`), built on first use.
+    """The toy world at `root` (default `$TOY_WORLD_DIR` or the shipped `<repo>/toy_world`), built if missing.
 
     Safe to call from several processes at once (pytest workers, torchrun ranks): one builds, under a file lock,
     into a temporary folder that is renamed into place when complete; the others wait and reuse it.
@@ -434,7 +442,7 @@ def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root) + ".lock"):
             if not ready():
-                print(f"building the toy world in {root} (once; about two minutes on 2 CPU cores)...", flush=True)
+                print(f"building the toy world in {root} (about four minutes on 2 idle CPU cores)...", flush=True)
                 tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
                 shutil.rmtree(tmp, ignore_errors=True)
                 threads = torch.get_num_threads()
@@ -446,10 +454,20 @@ def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
 
 
 if __name__ == "__main__":
-    # Demo: build the world, sample every prompt from the toy pipeline, save a captioned grid.
+    # `python -m common.toy [--rebuild] [--root DIR]`: (re)build the world, then sample every prompt from the toy
+    # pipeline with fixed seeds and save a captioned grid.
+    import argparse
+
     from diffusers import StableDiffusionPipeline
 
-    world = toy_world()
+    cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cli.add_argument("--rebuild", action="store_true", help="build the world anew from its seed (about 4 min)")
+    cli.add_argument("--root", default=None, help="the world's folder (default $TOY_WORLD_DIR or <repo>/toy_world)")
+    opts = cli.parse_args()
+    root = Path(opts.root or os.environ.get("TOY_WORLD_DIR") or DEFAULT_ROOT)
+    if opts.rebuild:
+        (root / "world.json").unlink(missing_ok=True)  # toy_world() then builds it, under its lock
+    world = toy_world(root)
     pipe = StableDiffusionPipeline.from_pretrained(world.pipeline)
     pipe.set_progress_bar_config(disable=True)
     gens = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
