@@ -417,11 +417,6 @@ def load_hps_model(path: str | None, tokenizer_eos_id: int):
     return model
 
 
-class HpsScore(ClipScorer):
-    def score(self, image_embeds, text_embeds):
-        return 100.0 * cosine(image_embeds, text_embeds)  # HPS v2 = cos(e_I, e_T), printed x 100
-
-
 # ------------------------------------------------------------------------------------------------ ImageReward
 
 
@@ -609,7 +604,8 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
 
         processor = clip_path or PICKSCORE_PROCESSOR
         model = load_hps_model(path, AutoTokenizer.from_pretrained(processor).eos_token_id)
-        scorer = HpsScore(ClipBackbone(path or HPS, processor, dtype, model=model), batch_size)
+        # HPS v2 = cos(e_I, e_T) (hpsv2.score), printed x 100: the clip-raw formula on HPS's fine-tuned CLIP
+        scorer = ClipScoreRaw(ClipBackbone(path or HPS, processor, dtype, model=model), batch_size)
     elif name == "imagereward":
         model, tokenizer = load_imagereward(path, clip_path, dtype)
         scorer = ImageRewardScore(model, tokenizer, batch_size)
