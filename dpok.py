@@ -353,6 +353,8 @@ def main(args: Args) -> Path:
             f"--reward-path {args.reward_path!r} does not exist: --reward {args.reward} needs "
             + ("the folder reward_model.py wrote (e.g. runs/reward_model-<time>/final)" if args.reward == "reward-model"
                else "the LAION aesthetic head's weights (sac+logos+ava1-l14-linearMSE.pth)"))
+    require(args.reward_path is None or Path(args.reward_path).exists(),
+            f"--reward-path {args.reward_path!r} does not exist (--reward {args.reward})")
     require(device.type == "cuda" or args.mixed_precision != "fp16", "--mixed-precision fp16 needs a GPU; use bf16, no")
     runtime.seed_everything(args.seed, dist.rank)
     if args.output_dir is None:  # rank 0's clock, so every rank writes to the same folder

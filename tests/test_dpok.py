@@ -149,6 +149,8 @@ def test_per_prompt_advantages_match_ddpo_stat_tracker():
 def test_guard_rails_name_the_flag():
     with pytest.raises(ValueError, match="--reward-path"):
         dpok.main(dpok.Args(reward="reward-model", reward_path=None))
+    with pytest.raises(ValueError, match="--reward-path '/no/ImageReward.pt' does not exist"):
+        dpok.main(dpok.Args(reward="imagereward", reward_path="/no/ImageReward.pt"))
     with pytest.raises(ValueError, match="--eta"):
         dpok.main(dpok.Args(reward="toy", eta=0.0))
     with pytest.raises(ValueError, match="--buffer-size"):
