@@ -55,9 +55,10 @@ from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import kernels
-from common.data import PairDataset, collate_skip_none, flip_decision, load_pairs, load_prompts
-from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
-                            cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
+from common.data import PairDataset, collate_skip_none, flip_decision, has_heldout_split, load_pairs, load_prompts
+from common.runtime import (MetricsLogger, absolute, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
+                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.toy import toy_reward, toy_world
 
@@ -75,6 +76,8 @@ class Args:
     """seeds data order, flips, t, ε, prompt dropout (the same stream on every GPU: see draw_noise) and LoRA init"""
     resume: bool = False
     """continue exactly from <output-dir>/checkpoints/latest: data order, RNG streams, optimizer, LR schedule"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     stop_at_step: int | None = None
     """checkpoint and exit after this step, as a preempted job would; run again with --resume to continue"""
 
@@ -88,7 +91,11 @@ class Args:
     split: str = "train"
     """training split; ties (0.5/0.5) are dropped as in the official code (~851k Pick-a-Pic v2 pairs remain)"""
     eval_split: str = "validation"
-    """held-out split for the final implicit-reward accuracy (paper: 60.8 % on Pick-a-Pic v2 validation)"""
+    """held-out split for the final implicit-reward accuracy (paper: 60.8 % on Pick-a-Pic v2 validation); a single
+    parquet file as --dataset-source has no held-out split: the evaluation is then skipped, with a message"""
+    max_broken_fraction: float = 0.01
+    """rows with unusable labels (null, non-numeric, out of range) are skipped and counted up to this fraction of a
+    split; above it the run stops, naming the column (common/data.py)"""
     max_pairs: int | None = None
     """train on the first N pairs only (None: all)"""
     eval_pairs: int | None = 500
@@ -408,6 +415,10 @@ def main(args: Args) -> dict:
     if dist.world_size > 1:
         tdist.broadcast_object_list(out, src=0)  # one timestamped folder for all ranks
     out = Path(out[0])
+    check_model_path(args.model, "--model")  # before the data loads: a mistyped path fails in a second
+    check_resolution(args.model, args.resolution)
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.beta > 0, f"--beta must be > 0, got {args.beta}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(args.steps >= 1 and args.lora_rank >= 0 and args.eval_draws >= 1, "--steps, --eval-draws must be >= 1 "
@@ -416,13 +427,20 @@ def main(args: Args) -> dict:
             "--log-every, --checkpoint-every and --sample-every must be >= 1")
     require(args.mixed_precision != "fp16" or dist.device.type == "cuda", "--mixed-precision fp16 needs a GPU")
     require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
+    prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     pairs_per_step = batch_arithmetic(args.per_device_batch, dist.world_size, args.grad_accum)
     lr = args.learning_rate * (pairs_per_step if args.scale_lr else 1)
     seed_everything(args.seed, dist.rank)
 
     # ---- data: winner first, ties dropped (common.data.load_pairs)
-    pairs = load_pairs(args.dataset, source, args.split, max_pairs=args.max_pairs)
-    eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs)
+    pairs = load_pairs(args.dataset, source, args.split, max_pairs=args.max_pairs, max_broken=args.max_broken_fraction)
+    eval_pairs = []  # a single parquet file is one split: evaluating "held-out" on it would reuse the training rows
+    if has_heldout_split(source):
+        eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs,
+                                max_broken=args.max_broken_fraction)
+    elif dist.is_main:
+        print(f"--dataset-source {source} is a single parquet file, so it has no held-out split: the held-out "
+              f"evaluation is skipped (point to a folder with {args.split} and {args.eval_split} splits to run it)")
     micro = args.per_device_batch * dist.world_size  # pairs per micro-step, all GPUs together
     require(len(pairs) >= micro, f"{len(pairs)} training pairs cannot fill one micro-batch of {micro} pairs "
             f"(--per-device-batch {args.per_device_batch} × {dist.world_size} GPUs)")
@@ -472,9 +490,11 @@ def main(args: Args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # the loop's only random stream: t, ε, z, prompt dropout
     weights_name = "unet_lora" if args.lora_rank else "unet"
 
-    start = 0
+    start, skipped_total = 0, 0  # pairs replaced because an image did not decode, over the whole run
     if args.resume:
-        start, weights, extra = load_checkpoint(out)
+        start, weights, extra = load_checkpoint(out, script="diffusion_dpo.py")
+        check_resume_args(extra["args"], args)
+        skipped_total = extra.get("skipped_pairs_total", 0)
         require(len(extra["rng"]) == dist.world_size, f"the checkpoint was written by {len(extra['rng'])} "
                 f"processes; resume with as many (this run has {dist.world_size})")
         require(weights_name in weights, f"the checkpoint holds {list(weights)}, not {weights_name}: resume with "
@@ -513,7 +533,8 @@ def main(args: Args) -> dict:
     if args.validation_prompts:
         grid_prompts = load_prompts(args.validation_prompts)[:args.num_validation_prompts]
     else:
-        grid_prompts = list(dict.fromkeys(eval_pairs[i].caption for i in range(len(eval_pairs))))
+        shown = eval_pairs or pairs  # the training captions when there is no held-out split
+        grid_prompts = list(dict.fromkeys(shown[i].caption for i in range(min(len(shown), 1000))))
         grid_prompts = grid_prompts[:args.num_validation_prompts]
 
     def sample_grid(step: int) -> None:  # rank 0 only: fixed-seed samples of the current UNet
@@ -572,11 +593,14 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         pairs_since += pairs_per_step
+        skipped_total += round(stats[list(totals).index("charts/skipped_pairs")].item() * args.grad_accum *
+                               dist.world_size)  # every step, not only logged ones
 
         if step % args.log_every == 0 or step == 1:
             row = dict(zip(totals, stats.tolist()))
             row["charts/skipped_pairs"] *= args.grad_accum * dist.world_size  # a count, not a mean
-            row.update({"charts/learning_rate": lr_now, "charts/grad_norm": grad_norm.item(),
+            row.update({"charts/skipped_pairs_total": skipped_total, "charts/learning_rate": lr_now,
+                        "charts/grad_norm": grad_norm.item(),
                         "charts/pairs_seen": step * pairs_per_step, "charts/epoch": step * pairs_per_step / len(pairs),
                         "charts/pairs_per_second": pairs_since / (time.time() - clock)})
             logger.log(row, step)
@@ -584,9 +608,10 @@ def main(args: Args) -> dict:
             clock, pairs_since = time.time(), 0
         if step % args.checkpoint_every == 0 or step == args.stop_at_step:
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
-            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], extra={
+            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="diffusion_dpo.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "args": args, "base_model": args.model})
+                "scaler": scaler.state_dict(), "args": args, "base_model": args.model,
+                "skipped_pairs_total": skipped_total})
         if dist.is_main and grid_prompts and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(step)
         barrier()
@@ -606,16 +631,19 @@ def main(args: Args) -> dict:
         if args.lora_rank:
             StableDiffusionPipeline.save_lora_weights(
                 out / "final" / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}"); ' \
-                   f'pipe.load_lora_weights("{out / "final" / "lora"}")'
+            load = f'from diffusers import StableDiffusionPipeline; pipe = StableDiffusionPipeline.from_pretrained(' \
+                   f'"{absolute(args.model)}"); pipe.load_lora_weights("{absolute(out / "final" / "lora")}")'
         else:
             unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}", ' \
-                   f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
+            load = f'from diffusers import StableDiffusionPipeline, UNet2DConditionModel; pipe = StableDiffusion' \
+                   f'Pipeline.from_pretrained("{absolute(args.model)}", unet=UNet2DConditionModel.from_pretrained(' \
+                   f'"{absolute(out / "final" / "unet")}"))'
         unet.eval()
         summary = {"train_pairs": len(pairs), "steps": args.steps, "pairs_per_step": pairs_per_step,
-                   **heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizer, text_encoder, noise_scheduler, args,
-                                  autocast)}
+                   "skipped_pairs_total": skipped_total}
+        if eval_pairs:
+            summary.update(heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizer, text_encoder, noise_scheduler,
+                                        args, autocast))
         if args.toy and args.reward_seeds:  # the toy reward of fixed-seed samples, base model vs trained model
             prompts = [p for _ in range(args.reward_seeds) for p in load_prompts(str(toy_world().prompts))]
             seeds = list(range(len(prompts)))
@@ -632,7 +660,8 @@ def main(args: Args) -> dict:
                             "reward_test": "Wilcoxon signed-rank, two-sided, paired by prompt and seed"})
         logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"
+        print((f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"
+               if eval_pairs else "no held-out evaluation (no held-out split)")
               + (f"; toy reward {summary['eval/reward_base']:.4f} -> {summary['eval/reward_final']:.4f} "
                  f"(p = {summary['eval/reward_pvalue']:.2g})" if "eval/reward_base" in summary else ""))
         print(f"load the result with:\n    {load}")

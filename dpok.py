@@ -138,6 +138,8 @@ class Args:
     eval.json"""
     resume: str | None = None
     """an output dir or checkpoint folder to continue from exactly (weights, optimizers, buffer, RNG streams)"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval: 100)"""
     sample_every: int = 100
@@ -335,6 +337,7 @@ def main(args: Args) -> Path:
     dist = runtime.setup_distributed()
     device = dist.device
     # ---- guard rails: reject what cannot work before loading anything
+    runtime.check_model_path(args.pretrained, "--pretrained")
     T = args.num_steps
     require(args.reward_coef > 0, f"--reward-coef must be > 0, got {args.reward_coef}")
     require(args.kl_coef >= 0, f"--kl-coef must be >= 0, got {args.kl_coef}")
@@ -362,7 +365,8 @@ def main(args: Args) -> Path:
         if tdist.is_initialized():
             tdist.broadcast_object_list(stamp, src=0)
         args = dataclasses.replace(args, output_dir=f"runs/dpok-{stamp[0]}")
-    out = Path(args.output_dir)
+    out = runtime.prepare_output_dir(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite,
+                                     is_main=dist.is_main)
 
     # ---- models: frozen VAE and text encoder; the UNet with LoRA (or full, against a frozen copy)
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained, subfolder="tokenizer")
@@ -430,7 +434,8 @@ def main(args: Args) -> Path:
     history: dict[str, list[float]] = {}
     start = 0
     if args.resume:
-        start, weights, extra = runtime.load_checkpoint(args.resume)
+        start, weights, extra = runtime.load_checkpoint(args.resume, script="dpok.py")
+        runtime.check_resume_args(extra["args"], args)
         missing = {n for n, p in unet.named_parameters() if p.requires_grad} - set(weights["policy"])
         require(not missing, f"--resume {args.resume}: the checkpoint lacks {len(missing)} trainable tensors "
                 f"(e.g. {next(iter(missing), '')}); was it saved with another --lora-rank?")
@@ -577,7 +582,7 @@ def main(args: Args) -> Path:
             weights = {"policy": trainable, "value": value_net.state_dict(), "buffer": shards}
             extra = {"optimizer": optimizer.state_dict(), "value_optimizer": value_optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "history": history, "args": args, "pretrained": args.pretrained}
-            runtime.save_checkpoint(out, it + 1, weights, extra, generators=[gen, noise_gen])
+            runtime.save_checkpoint(out, it + 1, weights, extra, generators=[gen, noise_gen], script="dpok.py")
 
     # ---- final weights in diffusers format, and the fixed-seed comparison with the base model
     if dist.is_main:
@@ -585,10 +590,11 @@ def main(args: Args) -> Path:
         if args.lora_rank > 0:
             StableDiffusionPipeline.save_lora_weights(
                 final_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe.load_lora_weights("{final_dir}", weight_name="pytorch_lora_weights.safetensors")'
+            load = f'pipe.load_lora_weights("{runtime.absolute(final_dir)}", ' \
+                   f'weight_name="pytorch_lora_weights.safetensors")'
         else:
             unet.save_pretrained(final_dir)
-            load = f'pipe.unet = UNet2DConditionModel.from_pretrained("{final_dir}")'
+            load = f'pipe.unet = UNet2DConditionModel.from_pretrained("{runtime.absolute(final_dir)}")'
         _, final, kl = validate(unet, ref_unet, *evaluation, with_kl=True)
         with reference_unet(unet, ref_unet) as ref:
             _, base, _ = validate(ref, None, *evaluation)
@@ -599,7 +605,8 @@ def main(args: Args) -> Path:
         (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
         print(f"fixed-seed reward: base {result['reward_base']:.4f} -> final {result['reward_final']:.4f} "
               f"(paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}\n"
-              f'load with: pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained}"); {load}')
+              f'load with:\n    from diffusers import StableDiffusionPipeline, UNet2DConditionModel; '
+              f'pipe = StableDiffusionPipeline.from_pretrained("{runtime.absolute(args.pretrained)}"); {load}')
     logger.close()
     runtime.barrier()
     runtime.cleanup_distributed()

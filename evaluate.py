@@ -508,8 +508,8 @@ def check_args(args: Args) -> Args:
         run = REPO / "runs" / "evaluate-toy-dpo"  # a cache: trained once, reused by later --toy evaluations
         if not (run / "final" / "unet").is_dir():
             print(f"no candidate given: training one with `python diffusion_dpo.py --toy --output-dir {run}`")
-            subprocess.run([sys.executable, str(REPO / "diffusion_dpo.py"), "--toy", "--output-dir", str(run)],
-                           check=True, cwd=REPO)
+            subprocess.run([sys.executable, str(REPO / "diffusion_dpo.py"), "--toy", "--output-dir", str(run),
+                            "--overwrite"], check=True, cwd=REPO)  # replaces the debris of an interrupted training
         args = replace(args, candidates=(f"dpo={run}",))
     default_dir = REPO / "runs" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     return replace(args, output_dir=args.output_dir or str(default_dir))

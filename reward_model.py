@@ -74,9 +74,10 @@ from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
 from common import kernels
-from common.data import PickapicPairs, decode_image, image_bytes, load_binary, load_pairs
-from common.runtime import (MetricsLogger, all_reduce_mean, barrier, check_finite, cleanup_distributed, load_checkpoint,
-                            require, save_checkpoint, seed_everything, set_rng_state, setup_distributed, write_args)
+from common.data import PickapicPairs, decode_image, has_heldout_split, image_bytes, load_binary, load_pairs
+from common.runtime import (MetricsLogger, absolute, all_reduce_mean, barrier, check_finite, check_resume_args,
+                            cleanup_distributed, load_checkpoint, prepare_output_dir, require, save_checkpoint,
+                            seed_everything, set_rng_state, setup_distributed, write_args)
 from common.scorers import CLIP_L14, ClipBackbone, RewardMLP, clip_pixels, save_reward_model
 
 log = logging.getLogger("reward_model")
@@ -98,6 +99,9 @@ class Args:
     """held-out Pick-a-Pic split: PickScore's 70.5 % is on test_unique"""
     binary_source: str = ""
     """--loss binary: a folder with {train,validation}.parquet of prompt, image (bytes), label (1 good, 0 bad)"""
+    max_broken_fraction: float = 0.01
+    """rows with unusable labels or ranks (null, non-numeric, out of range) are skipped and counted up to this
+    fraction of a split; above it the run stops, naming the column (common/data.py)"""
     max_train_pairs: int | None = None
     """use at most this many training pairs per dataset (None: all)"""
     keep_ties: bool = False
@@ -143,6 +147,8 @@ class Args:
     """run folder (default runs/reward_model-<timestamp>): args.json, metrics.jsonl, tb/, checkpoints/, final/"""
     resume: bool = False
     """continue from --output-dir's latest checkpoint"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     checkpoint_every: int = 500
     """optimizer steps between checkpoints (and one at the end)"""
     eval_every: int = 200
@@ -377,7 +383,8 @@ def pair_set(name: str, split: str, args: Args, dist, device, train: bool) -> di
     source = args.imagereward_source if name == "imagereward" else args.pickapic_source
     keep_ties = args.keep_ties and train
     max_pairs = args.max_train_pairs if train else None
-    pairs = load_pairs(name, source, split, keep_ties=keep_ties, max_pairs=max_pairs)
+    pairs = load_pairs(name, source, split, keep_ties=keep_ties, max_pairs=max_pairs,
+                       max_broken=args.max_broken_fraction)
     if isinstance(pairs, PickapicPairs):  # read the caption column alone: a row also holds two encoded images
         captions, ties = pairs.ds.select_columns(["caption"])[pairs.rows.tolist()]["caption"], pairs.tie.tolist()
     else:
@@ -396,10 +403,12 @@ def pair_set(name: str, split: str, args: Args, dist, device, train: bool) -> di
                 t=t[ok], y=y[ok])
 
 
-def binary_set(split: str, subs: dict[str, Counter], args: Args, dist, device) -> dict[str, torch.Tensor]:
-    """Embedded labelled images: img table, i (R,), label (R,), t (R, n) text ids, column 0 the true prompt."""
-    ds = load_binary(args.binary_source, split)
+def binary_set(split: str, subs: dict[str, Counter] | None, args: Args, dist, device) -> tuple[dict, dict]:
+    """Embedded labelled images: img table, i (R,), label (R,), t (R, n) text ids, column 0 the true prompt; and the
+    word substitutes of the perturbed prompts (`subs`, or, if None, those of this split's prompts)."""
+    ds = load_binary(args.binary_source, split, max_broken=args.max_broken_fraction)
     table = ds.select_columns(["prompt", "label"]).to_dict()
+    subs = substitutes(sorted(set(table["prompt"]))) if subs is None else subs
     c = image_embeddings("binary", ds, ("image",), args.binary_source, split, {}, args, dist, device)
     prompts = sorted(set(table["prompt"]))
     options = {p: [p] + perturb_prompt(p, subs, args.num_prompts - 1, args.seed) for p in prompts}
@@ -412,7 +421,7 @@ def binary_set(split: str, subs: dict[str, Counter], args: Args, dist, device) -
     if not ok.all():
         print(f"binary {split}: skipped {int((~ok).sum())} of {len(ok)} undecodable images")
     txt = text_table(texts, args, dist, device)
-    return dict(img=c["table"], i=c["index"][ok, 0], label=label[ok], txt=txt, t=t[ok])
+    return dict(img=c["table"], i=c["index"][ok, 0], label=label[ok], txt=txt, t=t[ok]), subs
 
 
 @torch.no_grad()
@@ -470,11 +479,21 @@ def main(args: Args) -> dict[str, float]:
     if tdist.is_initialized():
         tdist.broadcast_object_list(out, src=0)  # one folder for all ranks, even if their clocks tick apart
     args = dataclasses.replace(args, output_dir=out[0])
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
+    prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     seed_everything(args.seed, dist.rank)
 
     # ---- data: CLIP embeddings, computed once and cached (this is where the GPU time goes, once per data set)
     eval_splits = dict(imagereward=args.imagereward_eval_split, pickapic=args.pickapic_eval_split)
-    eval_sets = {name: pair_set(name, eval_splits[name], args, dist, device, train=False) for name in args.dataset}
+    sources = dict(imagereward=args.imagereward_source, pickapic=args.pickapic_source)
+    eval_sets = {}  # a single parquet file is one split: its "held-out" pairs would be the training pairs
+    for name in args.dataset:
+        if has_heldout_split(sources[name]):
+            eval_sets[name] = pair_set(name, eval_splits[name], args, dist, device, train=False)
+        elif dist.is_main:
+            print(f"--{name}-source {sources[name]} is a single parquet file, so it has no held-out split: "
+                  f"no held-out {name} accuracy (point to a folder with train and {eval_splits[name]} splits)")
     if args.loss == "pairwise":
         sets = [pair_set(name, "train", args, dist, device, train=True) for name in args.dataset]
         offset = np.cumsum([0] + [len(s["img"]) for s in sets])  # stack the datasets' tables, shift their indices
@@ -485,9 +504,13 @@ def main(args: Args) -> dict[str, float]:
                      t=torch.cat([s["t"] + o for s, o in zip(sets, toffset)]), y=torch.cat([s["y"] for s in sets]))
         n_train, binary_val = len(train["w"]), None
     else:
-        subs = substitutes(sorted(set(load_binary(args.binary_source, "train")["prompt"])))  # from training prompts
-        train = binary_set("train", subs, args, dist, device)
-        binary_val = binary_set("validation", subs, args, dist, device)
+        train, subs = binary_set("train", None, args, dist, device)  # perturbations from the training prompts
+        binary_val = None
+        if has_heldout_split(args.binary_source):
+            binary_val = binary_set("validation", subs, args, dist, device)[0]
+        elif dist.is_main:
+            print(f"--binary-source {args.binary_source} is a single parquet file, so it has no validation split: "
+                  "no held-out binary accuracy")
         n_train = len(train["i"])
     clip_backbone.cache_clear()  # CLIP's work is done (if it ran at all): free its memory before training
     train = {k: v.to(device) for k, v in train.items()}
@@ -519,7 +542,8 @@ def main(args: Args) -> dict[str, float]:
     optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
-        start, weights, extra = load_checkpoint(args.output_dir)
+        start, weights, extra = load_checkpoint(args.output_dir, script="reward_model.py")
+        check_resume_args(extra["args"], args)
         require((extra["n_train"], extra["per_step"]) == (n_train, per_step),
                 f"--resume: the checkpoint ran {extra['per_step']} items per step over {extra['n_train']}; this run "
                 f"has {per_step} over {n_train}, so the data order would not continue (same flags and GPU count)")
@@ -580,7 +604,7 @@ def main(args: Args) -> dict[str, float]:
         if done % args.checkpoint_every == 0 or done == total_steps:
             save_checkpoint(args.output_dir, done, {"head": head.state_dict()},
                             {"optimizer": optimizer.state_dict(), "args": args, "config": config,
-                             "n_train": n_train, "per_step": per_step})
+                             "n_train": n_train, "per_step": per_step}, script="reward_model.py")
 
     # ---- the result: a folder `load_scorer("reward-model", ...)` reads, and the held-out figures
     result = evaluate(head, eval_sets, binary_val, threshold)
@@ -589,7 +613,9 @@ def main(args: Args) -> dict[str, float]:
         save_reward_model(final, head, config)
         (Path(args.output_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         print(", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in result.items()))
-        print(f'load it with: common.scorers.load_scorer("reward-model", "{final}")')
+        repo = Path(__file__).resolve().parent  # so the line works when pasted anywhere, not only in this folder
+        print(f'load it with:\n    import sys; sys.path.insert(0, "{repo}"); from common.scorers import load_scorer; '
+              f'scorer = load_scorer("reward-model", "{absolute(final)}")')
     logger.close()
     cleanup_distributed()
     return result

@@ -35,6 +35,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -63,8 +64,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from common import kernels
 from common.data import Pair, decode_image, flip_decision, load_captioned_images, load_pairs, load_prompts, preprocess
-from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
-                            cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
+from common.runtime import (MetricsLogger, absolute, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
+                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.scorers import load_scorer
 from common.toy import png_bytes, toy_world
@@ -90,6 +92,8 @@ class Args:
     """seeds data order, flips, t, ε, posterior draws, prompt dropout, LoRA init and the generated set"""
     resume: bool = False
     """continue exactly from <output-dir>/checkpoints/latest: data order, RNG streams, optimizer, LR schedule"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
 
     # The baseline and its data
     data: Literal["preferred", "generated"] = "generated"
@@ -102,6 +106,9 @@ class Args:
     """--data preferred: hub id, parquet file or folder in that layout (None: the dataset's hub id, see HUB_SOURCES)"""
     split: str = "train"
     """--data preferred: training split; ties (0.5/0.5) are dropped, as in the official code"""
+    max_broken_fraction: float = 0.01
+    """--data preferred: rows with unusable labels are skipped and counted up to this fraction of the split; above it
+    the run stops, naming the column (common/data.py)"""
     prompts: str = "partiprompts"
     """prompts of the generated set (image i: prompt i mod P) and of the sample grid: common.data.load_prompts"""
     num_images: int = 20000
@@ -306,9 +313,11 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
 
     Image i: prompt i mod P, seed 10^6·(seed + 1) + i (never a grid seed 0, 1, ...), so the set does not depend on
     the number of GPUs; rank r draws images r, r + W, ... into part-<r>.parquet (index, caption, image as PNG,
-    reward); meta.json, written last, marks the set complete. Training re-encodes the images with the VAE, as Lee
-    et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own decoded image (43 %
-    relative distance on the toy model), and the UNet was trained on the encoder's latents.
+    reward); meta.json, written last, marks the set complete. The set is written into a folder of this run's own and
+    renamed into place when complete (atomic), so two runs with the same settings never write into one folder: if
+    another run publishes the same set first, ours is discarded and theirs used. Training re-encodes the images with
+    the VAE, as Lee et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own
+    decoded image (43 % relative distance on the toy model), and the UNet was trained on the encoder's latents.
     """
     key = dict(model=args.model, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest(), seed=args.seed,
                num_images=args.num_images, sample_steps=args.sample_steps, guidance=args.generated_guidance_scale,
@@ -317,8 +326,11 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
     if (folder / "meta.json").exists():
         logging.info("reusing the generated set in %s", folder)
         return folder
+    token = [f"{os.getpid()}-{time.time_ns()}"]  # rank 0's, so every rank writes into the same private folder
+    if dist.world_size > 1:
+        tdist.broadcast_object_list(token, src=0)
+    final, folder = folder, folder.with_name(f"{folder.name}.tmp-{token[0]}")
     if dist.is_main:
-        shutil.rmtree(folder, ignore_errors=True)  # the incomplete set of a run that crashed
         folder.mkdir(parents=True)
     barrier()
     mine = list(range(dist.rank, args.num_images, dist.world_size))
@@ -339,8 +351,17 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
     barrier()
     if dist.is_main:
         (folder / "meta.json").write_text(json.dumps(key, indent=2) + "\n")
+        try:
+            os.rename(folder, final)  # atomic; refused if `final` exists and is not empty
+        except OSError:
+            if not (final / "meta.json").exists():  # an incomplete set left by an older version that crashed
+                shutil.rmtree(final)
+                os.rename(folder, final)
+            else:  # a concurrent run with the same settings published the same set first: use theirs
+                logging.info("the generated set %s was completed by another run meanwhile; using it", final)
+                shutil.rmtree(folder)
     barrier()
-    return folder
+    return final
 
 
 def load_generated(folder: Path) -> tuple[datasets.Dataset, Tensor]:
@@ -368,6 +389,10 @@ def main(args: Args) -> dict:
     if dist.world_size > 1:
         tdist.broadcast_object_list(out, src=0)  # one timestamped folder for all ranks
     out = Path(out[0])
+    check_model_path(args.model, "--model")  # before anything loads: a mistyped path fails in a second
+    check_resolution(args.model, args.resolution)
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
     require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")
@@ -379,6 +404,7 @@ def main(args: Args) -> dict:
     require(args.reg != "pretrain" or args.pretrain_data is not None, "--reg pretrain needs --pretrain-data")
     require(args.mixed_precision != "fp16" or dist.device.type == "cuda", "--mixed-precision fp16 needs a GPU")
     require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
+    prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     images_per_step = batch_arithmetic(args.per_device_batch, dist.world_size, args.grad_accum)
     lr = args.learning_rate * images_per_step  # the official --scale_lr
     seed_everything(args.seed, dist.rank)
@@ -409,7 +435,8 @@ def main(args: Args) -> dict:
         weights = reward_weights(rewards, args.weighting, args.binary_quantile)
         dataset = Images(rows, args.resolution, args.random_flip, args.seed, weights)
     else:
-        pairs = load_pairs(args.dataset, args.dataset_source, args.split)  # winner first, ties dropped
+        pairs = load_pairs(args.dataset, args.dataset_source, args.split,  # winner first, ties dropped
+                           max_broken=args.max_broken_fraction)
         dataset = Images(pairs, args.resolution, args.random_flip, args.seed)
     pretrain = None
     if args.reg == "pretrain":
@@ -449,14 +476,13 @@ def main(args: Args) -> dict:
     gen = torch.Generator().manual_seed(args.seed)  # the loop's only random stream: t, ε, z, prompt dropout
     weights_name = "unet_lora" if args.lora_rank else "unet"
 
-    start = 0
+    start, skipped_total = 0, 0  # images replaced because they did not decode, over the whole run
     if args.resume:
-        start, saved, extra = load_checkpoint(out)
+        start, saved, extra = load_checkpoint(out, script="sft.py")
         require(len(extra["rng"]) == dist.world_size, f"the checkpoint was written by {len(extra['rng'])} "
                 f"processes; resume with as many (this run has {dist.world_size})")
-        changed = [k for k in ("data", "model", "lora_rank", "per_device_batch", "grad_accum", "seed", "reg")
-                   if extra["args"][k] != getattr(args, k)]
-        require(not changed, f"--resume: {', '.join(changed)} differ from the checkpoint's run")
+        check_resume_args(extra["args"], args)
+        skipped_total = extra.get("skipped_images_total", 0)
         if args.lora_rank:
             set_peft_model_state_dict(unet, saved[weights_name])
         else:
@@ -564,10 +590,12 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         images_since += images_per_step
+        skipped_total += round(stats[4].item() * dist.world_size)  # every step, not only logged ones
 
         if step % args.log_every == 0 or step == 1:
             row = dict(zip(["losses/loss", "losses/weighted_mse", "losses/mse", "losses/reg"], stats[:4].tolist()))
-            row.update({"charts/skipped_images": stats[4].item() * dist.world_size, "charts/learning_rate": lr_now,
+            row.update({"charts/skipped_images": stats[4].item() * dist.world_size,
+                        "charts/skipped_images_total": skipped_total, "charts/learning_rate": lr_now,
                         "charts/grad_norm": grad_norm.item(), "charts/images_seen": step * images_per_step,
                         "charts/epoch": step * images_per_step / len(dataset),
                         "charts/images_per_second": images_since / (time.time() - clock)})
@@ -576,9 +604,10 @@ def main(args: Args) -> dict:
             clock, images_since = time.time(), 0
         if step % args.checkpoint_every == 0:
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
-            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], extra={
+            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="sft.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "args": args, "base_model": args.model})
+                "scaler": scaler.state_dict(), "args": args, "base_model": args.model,
+                "skipped_images_total": skipped_total})
         if dist.is_main and grid_prompts and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(step)
         barrier()
@@ -591,12 +620,13 @@ def main(args: Args) -> dict:
             StableDiffusionPipeline.save_lora_weights(
                 out / "final" / "lora",
                 unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}"); ' \
-                   f'pipe.load_lora_weights("{out / "final" / "lora"}")'
+            load = f'from diffusers import StableDiffusionPipeline; pipe = StableDiffusionPipeline.from_pretrained(' \
+                   f'"{absolute(args.model)}"); pipe.load_lora_weights("{absolute(out / "final" / "lora")}")'
         else:
             unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}", ' \
-                   f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
+            load = f'from diffusers import StableDiffusionPipeline, UNet2DConditionModel; pipe = StableDiffusion' \
+                   f'Pipeline.from_pretrained("{absolute(args.model)}", unet=UNet2DConditionModel.from_pretrained(' \
+                   f'"{absolute(out / "final" / "unet")}"))'
         if args.reward_seeds and scorer is not None and grid_prompts:
             unet.eval()
             if not args.lora_rank and ref_unet is None:  # loaded only now, so that it took no memory while training
@@ -618,6 +648,7 @@ def main(args: Args) -> dict:
             logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
             print(f"{args.scorer} reward of fixed-seed samples: base {summary['eval/reward_base']:.4g} -> "
                   f"trained {summary['eval/reward_final']:.4g} (Wilcoxon p = {p_value:.2g}, {len(prompts_k)} samples)")
+        summary["skipped_images_total"] = skipped_total
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"load the result with:\n    {load}")
     logger.close()

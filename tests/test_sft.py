@@ -161,9 +161,16 @@ def test_two_processes_equal_one(world, generated_dir, tmp_path):
                    check=True, cwd=REPO)
     rows = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
             for run in ("one", "two")}
+    # 2 processes sum in another order than 1: float32 rounding grows like √n·ε over a sum of n terms (Higham 2002,
+    # §4.2); the loss sums over a micro-batch's latents (16 x 4 x 8 x 8), the gradient over every weight.
+    import math
+
+    num_weights = sum(v.numel() for v in load_file(world.pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+                      .values())
+    rtol = math.sqrt(num_weights) * torch.finfo(torch.float32).eps
     for a, b in zip(rows["one"], rows["two"], strict=True):
         for key in ("losses/loss", "losses/mse", "losses/reg"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["step"], key)
+            assert a[key] == pytest.approx(b[key], rel=rtol), (a["step"], key)
     one, two = (load_file(tmp_path / run / "final/unet/diffusion_pytorch_model.safetensors") for run in ("one", "two"))
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-4
 
