@@ -136,7 +136,7 @@ def test_toy_pairwise_end_to_end(world, tmp_path, cache_dir, monkeypatch):
 
     # A second run reuses the cache: not one more CLIP forward.
     before = dict(calls)
-    rm.main(dataclasses.replace(args, output_dir=str(tmp_path / "again"), epochs=1))
+    rm.main(dataclasses.replace(args, output_dir=str(tmp_path / "again"), steps=20))
     assert calls == before
 
     # Resume: continue a copy of the run from its earlier checkpoint; the final weights match exactly.
@@ -182,12 +182,14 @@ def test_toy_binary_end_to_end(world, tmp_path, cache_dir):
 
 
 def test_guard_rails(world, tmp_path, cache_dir, monkeypatch):
-    with pytest.raises(ValueError, match="--binary-source"):
-        rm.main(rm.toy_args(loss="binary", binary_source="", output_dir=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="--dataset-source binary=SOURCE"):
+        rm.main(rm.toy_args(loss="binary", dataset_source=("binary=",), output_dir=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="expected NAME=SOURCE"):
+        rm.main(rm.toy_args(dataset_source=("imagerewards=/x",), output_dir=str(tmp_path / "e")))
     with pytest.raises(ValueError, match="--head dpok with --label-loss bce"):
         rm.main(rm.toy_args(loss="binary", label_loss="bce", head="dpok", output_dir=str(tmp_path / "d")))
     with pytest.raises(ValueError, match="exceeds"):
-        rm.main(rm.toy_args(batch_size=100_000, output_dir=str(tmp_path / "b"), cache_dir=str(cache_dir)))
+        rm.main(rm.toy_args(per_device_batch=100_000, output_dir=str(tmp_path / "b"), cache_dir=str(cache_dir)))
     monkeypatch.setattr(rm, "pairwise_loss", lambda r_w, r_l, y: (r_w - r_l).mean() * float("nan"))
     with pytest.raises(FloatingPointError, match="step 20"):
-        rm.main(rm.toy_args(epochs=1, output_dir=str(tmp_path / "c"), cache_dir=str(cache_dir)))
+        rm.main(rm.toy_args(steps=20, output_dir=str(tmp_path / "c"), cache_dir=str(cache_dir)))
