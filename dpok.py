@@ -25,9 +25,13 @@ max(-A·ρ, -A·clip(ρ, 1 ± ε)) and advantages normalised per prompt with run
 (ddpo-pytorch's defaults are also --lr 3e-4 --max-grad-norm 1 --guidance-scale 5; its on-policy inner epoch is
 --buffer-size = sample-batch x num-steps with policy-steps x grad-accum x policy-batch equal to that number.)
 
-Usage:
-    python dpok.py --reward-path runs/reward_model-<time>/final                     # one GPU, DPOK's recipe
-    torchrun --nproc_per_node 8 dpok.py --reward-path runs/reward_model-<time>/final  # 8 GPUs, 8x the samples
+Usage (the official README's two runs, ImageReward as the reward; flags equal to the defaults are left out):
+    python dpok.py --reward imagereward --prompt "A green colored rabbit."   # single prompt, 1 GPU: α 10, β 0.01
+    torchrun --nproc_per_node <GPUs> dpok.py --reward imagereward --prompts data_meta.json --reward-coef 1000 \
+        --kl-coef 0.1 --policy-batch 2 --sample-batch 6 --iterations 20000  # multi-prompt: DPOK's DrawBench prompts
+    (data_meta.json: google-research dpok/dataset/drawbench/, a dict keyed by prompt; the README does not say on how
+    many GPUs it ran. --iterations = its max_train_steps 100000 / p_step 5.)
+    python dpok.py --reward reward-model --reward-path runs/reward_model-<time>/final  # our learned reward instead
     python dpok.py --toy                                           # the offline toy world on a CPU, about a minute
 """
 
@@ -67,13 +71,16 @@ class Args:
     """training prompts: a text file (one per line), .json list, parquet, HPSv2 folder, 'partiprompts' or 'pickapic'"""
     prompt: str | None = None
     """train on this one prompt instead (DPOK's single-prompt runs, e.g. "A green colored rabbit.")"""
-    reward: Literal["reward-model", "pickscore", "aesthetic", "clip", "toy"] = "reward-model"
-    """r(x0, z) from common/scorers.py; 'reward-model' is the CLIP-embedding MLP that reward_model.py trains (DPOK's)"""
+    reward: Literal["imagereward", "reward-model", "hps", "pickscore", "aesthetic", "clip", "toy"] = "imagereward"
+    """r(x0, z) from common/scorers.py: 'imagereward' is DPOK's (official --reward_flag 0, the default); 'reward-model'
+    the CLIP-embedding MLP that reward_model.py trains (DPOK's --reward_flag 1)"""
     reward_path: str | None = None
     """the reward's weights: reward_model.py's output folder ('reward-model') or the head file ('aesthetic'), both
-    required; for 'clip'/'pickscore' a local copy of the model (None: the hub default)"""
+    required; ImageReward.pt or its folder ('imagereward'), HPS_v2.1_compressed.pt or its folder ('hps'), a copy of
+    the model ('clip', 'pickscore'): None downloads the hub default"""
     reward_clip_path: str | None = None
-    """the CLIP model the reward embeds images with (None: the scorer's default, CLIP ViT-L/14)"""
+    """the reward's processor or backbone (None: the scorer's default, e.g. CLIP ViT-L/14); for 'imagereward' BLIP's
+    BERT tokenizer (default bert-base-uncased)"""
     # ---- the method
     reward_coef: float = 10.0
     """α, weight of the reward term (official README single-prompt run: 10; argparse default 100; multi-prompt 1000)"""
@@ -349,6 +356,8 @@ def main(args: Args) -> Path:
             f"--reward-path {args.reward_path!r} does not exist: --reward {args.reward} needs "
             + ("the folder reward_model.py wrote (e.g. runs/reward_model-<time>/final)" if args.reward == "reward-model"
                else "the LAION aesthetic head's weights (sac+logos+ava1-l14-linearMSE.pth)"))
+    require(args.reward_path is None or Path(args.reward_path).exists(),
+            f"--reward-path {args.reward_path!r} does not exist (--reward {args.reward})")
     require(device.type == "cuda" or args.mixed_precision != "fp16", "--mixed-precision fp16 needs a GPU; use bf16, no")
     runtime.seed_everything(args.seed, dist.rank)
     if args.output_dir is None:  # rank 0's clock, so every rank writes to the same folder

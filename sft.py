@@ -80,7 +80,10 @@ from common.toy import png_bytes, toy_model_in, toy_sdxl_pipeline, toy_world
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
 # Each baseline's recipe, for the fields left at None: images per step, steps, warm-up, learning rate per image.
 RECIPES = {
-    "preferred": dict(batch=2048, steps=2000, warmup_steps=500, learning_rate=1e-9),  # official train.py --sft
+    # batch, steps, warm-up: the official SD1.5 DPO launcher (launchers/sd15.sh; no launcher runs --sft). The lr is
+    # ours: train.py has one default, 1e-8 per image (2.048e-5 after --scale_lr at 2048), shared by DPO and --sft;
+    # we found no SFT value in the official code and could not confirm one in the paper.
+    "preferred": dict(batch=2048, steps=2000, warmup_steps=500, learning_rate=1e-9),
     "generated": dict(batch=128, steps=8000, warmup_steps=0, learning_rate=2e-5 / 128),  # DPOK's SFT: 2e-5 at 128
 }
 
@@ -155,15 +158,17 @@ class Args:
     lora_rank: int = 0
     """0: full UNet fine-tune (Diffusion-DPO's SFT); N > 0: LoRA of rank N (DPOK's code: 4); ε_pre = adapters off"""
     steps: int | None = None
-    """optimizer steps (None: 2000 preferred, the official run; 8000 generated, DPOK)"""
+    """optimizer steps (None: 2000 preferred, the official DPO run's; 8000 generated, DPOK)"""
     per_device_batch: int = 8
     """images per GPU per forward pass (with --reg pretrain, as many pre-training images again)"""
     grad_accum: int | None = None
     """micro-batches per step (None: per-device batch × GPUs × grad-accum = 2048 preferred, 128 generated)"""
     learning_rate: float | None = None
-    """per image, × images per step as the official --scale_lr (None: 1e-9 preferred, official; 2e-5/128 generated)"""
+    """per image, × images per step as the official --scale_lr (None: 1e-9 preferred, ours, the official train.py
+    default being 1e-8; 2e-5/128 generated)"""
     warmup_steps: int | None = None
-    """optimizer steps of linear warm-up from 0, then constant (None: 500 preferred, official; 0 generated)"""
+    """optimizer steps of linear warm-up from 0, then constant (None: 500 preferred, the official DPO run's; 0
+    generated)"""
     weight_decay: float = 1e-2
     """AdamW decoupled weight decay; β1 0.9, β2 0.999, ε 1e-8 (official)"""
     optimizer: Literal["adamw", "adafactor"] | None = None

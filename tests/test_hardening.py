@@ -218,7 +218,7 @@ def run_script(script: str, src: Path, out: Path, cache: Path):
             reward_seeds=0, output_dir=str(out)))
     import reward_model as rm
 
-    return rm.main(rm.toy_args(dataset=("pickapic",), pickapic_source=str(src), epochs=1, eval_every=1000,
+    return rm.main(rm.toy_args(dataset=("pickapic",), dataset_source=(f"pickapic={src}",), steps=20, eval_every=1000,
                                output_dir=str(out), cache_dir=str(cache)))
 
 
@@ -278,7 +278,7 @@ def test_missing_members_of_the_imagereward_zip_are_counted_by_pair(world, tmp_p
              and a["rank"] != b["rank"]]
     lost = sum(a["image_path"] in gone or b["image_path"] in gone for a, b in pairs)
     with caplog.at_level(logging.WARNING):
-        rm.main(rm.toy_args(imagereward_source=str(src), epochs=1, eval_every=1000, output_dir=str(tmp_path / "run"),
+        rm.main(rm.toy_args(dataset_source=(f"imagereward={src}",), steps=20, eval_every=1000, output_dir=str(tmp_path / "run"),
                             cache_dir=str(tmp_path / "cache")))
     assert f"imagereward train: skipped {lost} of {len(pairs)} pairs with an undecodable image" in \
         capsys.readouterr().out
@@ -491,10 +491,10 @@ def test_kill9_sft_resumes_to_the_uninterrupted_result(world, tmp_path, capsys):
 def test_kill9_reward_model_resumes_to_the_uninterrupted_result(world, tmp_path, capsys):
     import reward_model as rm
 
-    flags = ["--toy", "--epochs", "1", "--checkpoint-every", "1", "--eval-every", "1000", "--log-every", "5",
+    flags = ["--toy", "--steps", "20", "--checkpoint-every", "1", "--eval-every", "1000", "--log-every", "5",
              "--cache-dir", str(tmp_path / "cache")]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    args = rm.toy_args(epochs=1, checkpoint_every=1, eval_every=1000, log_every=5, cache_dir=str(tmp_path / "cache"))
+    args = rm.toy_args(steps=20, checkpoint_every=1, eval_every=1000, log_every=5, cache_dir=str(tmp_path / "cache"))
     rm.main(dataclasses.replace(args, output_dir=str(whole)))
     printed = capsys.readouterr().out
     total = int((whole / "checkpoints" / "latest").read_text()[5:])  # the run's last step

@@ -215,3 +215,15 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(world, generated_dir, tmp_
         main(args)
     step, weights, _ = load_checkpoint(tmp_path)
     assert step == 2 and all(torch.isfinite(v).all() for v in weights["unet"].values())
+
+
+def test_preferred_lr_is_labelled_as_ours_not_official(capsys):
+    """The official train.py has one --learning_rate default, 1e-8 per image, and no SFT launcher: `--help` must not
+    call the preferred recipe's 1e-9 official."""
+    import sft
+
+    with pytest.raises(SystemExit):
+        sft.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1e-9 preferred, ours" in text and "1e-9 preferred, official" not in text
+    assert sft.RECIPES["preferred"]["learning_rate"] == 1e-9
