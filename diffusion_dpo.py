@@ -69,7 +69,7 @@ from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barr
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, load_vae,
                            make_pipeline, model_family, save_final, turbo_timesteps, zero_terminal_snr)
-from common.scorers import load_scorer
+from common.scorers import ScorerName, load_scorer
 from common.toy import toy_model_in, toy_reward, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
@@ -111,11 +111,11 @@ class Args:
     max_broken_fraction: float = 0.01
     """rows with unusable labels (null, non-numeric, out of range) are skipped and counted up to this fraction of a
     split; above it the run stops, naming the column (common/data.py)"""
-    relabel_with: str | None = None
-    """AI feedback (official --choice_model): a common.scorers.load_scorer name (toy, clip, pickscore, aesthetic,
-    reward-model, ...) that picks each training pair's winner, once before training; scorer ties dropped"""
+    relabel_with: ScorerName | None = None
+    """AI feedback (official --choice_model hps|clip|pickscore|aes): the common/scorers.py scorer that picks each
+    training pair's winner, once before training (cached); pairs it scores equal are dropped"""
     scorer_path: str | None = None
-    """--relabel-with's weights where it needs them (reward-model: a reward_model.py output; aesthetic: the head)"""
+    """--relabel-with's weights where it needs them (see common.scorers.load_scorer: reward-model, aesthetic, ...)"""
     clip_path: str | None = None
     """the CLIP behind --relabel-with aesthetic / reward-model, or PickScore's processor (None: the scorer's default)"""
     max_pairs: int | None = None
