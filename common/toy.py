@@ -457,7 +457,7 @@ def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
 # The toy SDXL world: an SDXL-shaped pipeline over the same images and data sets, built only when asked for
 # ----------------------------------------------------------------------------------------------------------------
 SDXL_VERSION = "1"
-DEFAULT_SDXL_ROOT = Path(__file__).resolve().parent.parent / ".toy_world_sdxl"
+DEFAULT_SDXL_ROOT = Path(__file__).resolve().parent.parent / "toy_world_sdxl"  # shipped, as toy_world/
 TIME_EMBED_DIM = 8  # SDXL: 256 per time_id; 6 time_ids + the pooled text embedding feed its added embedding
 
 
@@ -563,7 +563,7 @@ def toy_model_in(argv: list[str]) -> str:
 
 
 def toy_sdxl_pipeline(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
-    """The toy SDXL pipeline folder (`$TOY_SDXL_DIR`, default `<repo>/.toy_world_sdxl`, + /pipeline), built on first
+    """The toy SDXL pipeline folder (`$TOY_SDXL_DIR`, default the shipped `<repo>/toy_world_sdxl`, + /pipeline), built on first
     use (a few CPU-minutes: 1000 UNet steps) from the SD1.5 toy world, whose data sets it shares. Process-safe as toy_world."""
     from filelock import FileLock
 
