@@ -1,4 +1,4 @@
-"""Diffusion-DPO: fine-tune Stable Diffusion 1.5 on human preference pairs (Wallace et al. 2023).
+"""Diffusion-DPO: fine-tune Stable Diffusion 1.5 or SDXL on human preference pairs (Wallace et al. 2023).
 
 Paper https://arxiv.org/abs/2311.12908 · official code https://github.com/SalesforceAIResearch/DiffusionDPO (train.py)
 
@@ -23,16 +23,23 @@ Usage (the defaults are the official SD1.5 recipe, 2048 pairs per step = 1 per G
     python diffusion_dpo.py --grad-accum 2048 --cache-latents           # one GPU (about 16x the 16-GPU time)
     python diffusion_dpo.py --lora-rank 64 --dataset imagereward        # LoRA on ImageRewardDB's comparisons
     python diffusion_dpo.py --toy                                       # the offline toy world, ~2 min on a CPU
+    python diffusion_dpo.py --relabel-with pickscore                    # AI feedback: PickScore picks the winners
+
+SDXL (the paper's headline model; detected from the UNet's config, see common/models.py): the official
+launchers/sdxl.sh recipe, 1024 px, 2048 pairs per step, Adafactor, 200 warm-up steps, gradient checkpointing:
+    torchrun --nproc_per_node 16 diffusion_dpo.py --model stabilityai/stable-diffusion-xl-base-1.0 \
+        --vae madebyollin/sdxl-vae-fp16-fix --gradient-checkpointing                # 1 × 16 × 128 = 2048
+    torchrun --nproc_per_node 8 diffusion_dpo.py --model stabilityai/stable-diffusion-xl-base-1.0 \
+        --vae madebyollin/sdxl-vae-fp16-fix --gradient-checkpointing --grad-accum 256   # 1 × 8 × 256 = 2048
+    python diffusion_dpo.py --toy --toy-model sdxl                      # the toy SDXL pipeline, same data
 """
 
 import contextlib
 import dataclasses
 import functools
 import hashlib
-import itertools
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -42,24 +49,28 @@ import scipy.stats
 import torch
 import torch.distributed as tdist
 import tyro
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import Adafactor
 
 from common import kernels
-from common.data import PairDataset, collate_skip_none, flip_decision, load_pairs, load_prompts
-from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
-                            cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
+from common.data import (EpochPairs, PairDataset, build_latent_cache, cached_batch, collate_pairs, collate_skip_none,
+                         has_heldout_split, load_pairs, load_prompts, micro_batches, relabel_pairs, score_pairs)
+from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
+                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
-from common.toy import toy_reward, toy_world
+from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, load_vae,
+                           make_pipeline, model_family, save_final, turbo_timesteps, zero_terminal_snr)
+from common.scorers import ScorerName, load_scorer
+from common.toy import toy_model_in, toy_reward, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
 PAPER_PAIRS_PER_STEP = 2048
@@ -69,18 +80,25 @@ PAPER_PAIRS_PER_STEP = 2048
 class Args:
     toy: bool = False
     """run on the offline toy world (common/toy.py) with CPU-sized defaults; flags given as well still win"""
+    toy_model: Literal["sd15", "sdxl"] = "sd15"
+    """--toy: the SD1.5-shaped toy pipeline, or the SDXL-shaped one (built on first use; the same toy data)"""
     output_dir: str | None = None
     """args.json, metrics.jsonl, tb/, checkpoints/, samples/, final/, eval.json (None: runs/diffusion_dpo-<time>)"""
     seed: int = 0
     """seeds data order, flips, t, ε, prompt dropout (the same stream on every GPU: see draw_noise) and LoRA init"""
     resume: bool = False
     """continue exactly from <output-dir>/checkpoints/latest: data order, RNG streams, optimizer, LR schedule"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     stop_at_step: int | None = None
     """checkpoint and exit after this step, as a preempted job would; run again with --resume to continue"""
 
     # Model and data
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of a StableDiffusionPipeline (the old runwayml/... id was deleted)"""
+    """hub id or local folder of an SD1.5 or SDXL pipeline (SDXL if its UNet has addition_embed_type "text_time";
+    sdxl-turbo if the name contains "turbo": t ∈ {249, 499, 749, 999}, 512 px, no prompt dropout, as official)"""
+    vae: str | None = None
+    """hub id or folder of a VAE replacing the pipeline's (official SDXL recipe: madebyollin/sdxl-vae-fp16-fix)"""
     dataset: Literal["pickapic", "imagereward"] = "pickapic"
     """preference pairs: Pick-a-Pic v2 (the paper) or ImageRewardDB rankings (every pair of a prompt's images)"""
     dataset_source: str | None = None
@@ -88,17 +106,28 @@ class Args:
     split: str = "train"
     """training split; ties (0.5/0.5) are dropped as in the official code (~851k Pick-a-Pic v2 pairs remain)"""
     eval_split: str = "validation"
-    """held-out split for the final implicit-reward accuracy (paper: 60.8 % on Pick-a-Pic v2 validation)"""
+    """held-out split for the final implicit-reward accuracy (paper: 60.8 % on Pick-a-Pic v2 validation); a single
+    parquet file as --dataset-source has no held-out split: the evaluation is then skipped, with a message"""
+    max_broken_fraction: float = 0.01
+    """rows with unusable labels (null, non-numeric, out of range) are skipped and counted up to this fraction of a
+    split; above it the run stops, naming the column (common/data.py)"""
+    relabel_with: ScorerName | None = None
+    """AI feedback (official --choice_model hps|clip|pickscore|aes): the common/scorers.py scorer that picks each
+    training pair's winner, once before training (cached); pairs it scores equal are dropped"""
+    scorer_path: str | None = None
+    """--relabel-with's weights where it needs them (see common.scorers.load_scorer: reward-model, aesthetic, ...)"""
+    clip_path: str | None = None
+    """the CLIP behind --relabel-with aesthetic / reward-model, or PickScore's processor (None: the scorer's default)"""
     max_pairs: int | None = None
     """train on the first N pairs only (None: all)"""
     eval_pairs: int | None = 500
     """held-out pairs to evaluate (None: all)"""
-    resolution: int = 512
-    """images are resized (shorter side, bilinear) and centre-cropped to this many pixels"""
+    resolution: int | None = None
+    """images are resized (shorter side, bilinear) and centre-cropped to this (None: 512; SDXL base 1024)"""
     random_flip: bool = True
     """flip each image horizontally with p=0.5, redrawn every epoch (official default; its --no_hflip disables)"""
-    prompt_dropout: float = 0.2
-    """probability that a pair's caption is replaced by "" (official --proportion_empty_prompts 0.2)"""
+    prompt_dropout: float | None = None
+    """probability that a pair's caption is replaced by "" (None: official --proportion_empty_prompts 0.2; turbo 0)"""
     cache_latents: bool = False
     """encode every image (both flips) with the VAE once into a file under --cache-dir; cache text embeddings"""
     cache_dir: str | None = None
@@ -123,8 +152,11 @@ class Args:
     """per pair with --scale-lr: 1e-8 × 2048 = 2.048e-5 (the official code; the paper's text says 2.048e-8)"""
     scale_lr: bool = True
     """multiply --learning-rate by the pairs per optimizer step (official --scale_lr)"""
-    warmup_steps: int = 500
-    """optimizer steps of linear warm-up from 0, then constant (official constant_with_warmup)"""
+    warmup_steps: int | None = None
+    """optimizer steps of linear warm-up from 0, then constant (official constant_with_warmup; None: 500, SDXL 200)"""
+    optimizer: Literal["adamw", "adafactor"] | None = None
+    """None: AdamW (SD1.5), Adafactor (SDXL, to fit memory; official --use_adafactor: no relative step or parameter
+    scaling, update clipping 1.0, the same lr and weight decay)"""
     adam_beta1: float = 0.9
     """AdamW β1 (official)"""
     adam_beta2: float = 0.999
@@ -138,7 +170,7 @@ class Args:
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """autocast dtype over fp32 trained weights; the frozen VAE, text encoder and reference are stored in it"""
     gradient_checkpointing: bool = False
-    """recompute UNet activations in the backward pass: less memory, ~30 % slower"""
+    """recompute UNet activations in the backward pass: less memory, ~30 % slower (the official SDXL runs: always on)"""
     compile: bool = False
     """torch.compile the loss kernel (common/kernels.py); eager is the reference"""
     compile_unet: bool = False
@@ -165,11 +197,12 @@ class Args:
     """toy only: samples per toy prompt for the base-vs-final toy-reward test (0: skip)"""
 
 
-def toy_defaults() -> Args:
+def toy_defaults(toy_model: str = "sd15") -> Args:
     """--toy: the toy world's model and data, and a recipe that shows the effect in ~90 s on 2 CPU cores."""
     world = toy_world()
     return Args(
-        toy=True, model=str(world.pipeline), resolution=world.resolution, mixed_precision="no", num_workers=0,
+        toy=True, toy_model=toy_model, model=str(world.pipeline if toy_model == "sd15" else toy_sdxl_pipeline()),
+        resolution=world.resolution, mixed_precision="no", num_workers=0,
         steps=120, per_device_batch=16, grad_accum=1, learning_rate=3e-7, warmup_steps=10, cache_latents=False,
         log_every=5, checkpoint_every=60, sample_every=60, eval_pairs=None, eval_draws=8,
         validation_prompts=str(world.prompts), num_validation_prompts=24, sample_steps=20, guidance_scale=5.0,
@@ -180,7 +213,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     """tyro over Args; with --toy the toy defaults replace Args' defaults, so flags given still win."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--toy" in argv:
-        return tyro.cli(Args, args=argv, default=toy_defaults())
+        return tyro.cli(Args, args=argv, default=toy_defaults(toy_model_in(argv)))
     return tyro.cli(Args, args=argv)
 
 
@@ -240,120 +273,26 @@ def noisy_pairs(moments, t, eps, z, noise_scheduler, scaling_factor: float):
     return noise_scheduler.add_noise(x_0, eps, t), t, eps  # x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε
 
 
-def pair_embeddings(captions, drop, tokenizer, text_encoder, cache: dict | None = None):
-    """CLIP hidden states (2B, 77, D) for the pairs, rows i and B+i identical: one caption, and one prompt-dropout
-    decision (the caption becomes ""), per pair. With `cache`, each caption is encoded once (kept on the CPU)."""
+def pair_embeddings(captions, drop, tokenizers, text_encoders, cache: dict | None = None,
+                    encode_text=encode_text_sd15):
+    """The pairs' text conditioning for 2B rows, rows i and B+i identical: one caption, and one prompt-dropout
+    decision (the caption becomes "" before encoding), per pair. `encode_text` is the model family's (common/models.py):
+    SD1.5 gives hidden states (2B, 77, D); SDXL (hidden (2B, 77, D1 + D2), pooled (2B, P)). A single tokenizer and
+    encoder may be passed bare. With `cache`, each caption is encoded once (kept on the CPU)."""
+    tokenizers = tokenizers if isinstance(tokenizers, (list, tuple)) else [tokenizers]
+    text_encoders = text_encoders if isinstance(text_encoders, (list, tuple)) else [text_encoders]
     captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     todo = [c for c in dict.fromkeys(captions) if cache is None or c not in cache]
     table = {} if cache is None else cache
     if todo:
-        ids = tokenizer(todo, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
         with torch.no_grad():
-            hidden = text_encoder(ids.to(text_encoder.device))[0]  # (U, 77, D)
-        table.update(zip(todo, hidden if cache is None else hidden.cpu()))
-    emb = torch.stack([table[c] for c in captions]).to(text_encoder.device)  # (B, 77, D)
-    return emb.repeat(2, 1, 1)  # (2B, 77, D)
-
-
-# ------------------------------------------------------------------------------------------- data
-# Generic machinery (per-epoch flips, a DDP-exact data order, the latent cache) that keeps this file past STYLE's
-# ~500 lines; it belongs in common/data.py as soon as a second script needs it.
-def flip_seed(seed: int, epoch: int) -> int:
-    return 10_000 * seed + epoch  # flips are redrawn every epoch, as the official RandomHorizontalFlip is
-
-
-def micro_batches(num_pairs: int, per_device: int, rank: int, world_size: int, seed: int, start: int):
-    """This rank's [(epoch, pair index), ...] for every micro-step from `start` on. Epoch e visits the pairs in the
-    order randperm(num_pairs, seed + e), cut into global micro-batches of per_device × world_size (the rest of an
-    epoch is dropped); rank r takes the r-th slice. A function of the step alone: --resume needs no sampler state."""
-    size = per_device * world_size
-    per_epoch, epoch = num_pairs // size, None
-    for k in itertools.count(start):
-        if k // per_epoch != epoch:
-            epoch = k // per_epoch
-            order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        first = (k % per_epoch) * size + rank * per_device
-        yield [(epoch, i) for i in order[first:first + per_device]]
-
-
-class EpochPairs(torch.utils.data.Dataset):
-    """PairDataset items keyed by (epoch, index), with that epoch's flips. A pair whose image does not decode is
-    replaced by the next good one, so every rank's micro-batch stays full (an empty one would hang DDP)."""
-
-    def __init__(self, pairs, resolution: int, random_flip: bool, seed: int):
-        self.pairs, self.resolution, self.random_flip, self.seed = pairs, resolution, random_flip, seed
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        data = PairDataset(self.pairs, self.resolution, self.random_flip, flip_seed(self.seed, epoch))
-        for skipped in range(len(self.pairs)):
-            if (item := data[(index + skipped) % len(self.pairs)]) is not None:
-                return {**item, "skipped": skipped}
-        raise RuntimeError("no pair in the data set decodes")
-
-
-def collate_pairs(items):
-    batch = collate_skip_none(items)
-    batch["num_skipped"] = sum(item["skipped"] for item in items)
-    return batch
-
-
-def build_latent_cache(pairs, vae, args: Args, source: str, dist, out: Path) -> torch.Tensor:
-    """VAE posterior parameters (mean, log-variance) of every training image, as is and flipped, encoded once:
-    (N, 2 [winner, loser], F [as is, flipped], 2C, h, w) in a file-backed tensor, NaN rows for pairs that do not
-    decode. We keep the distribution, not a latent, because the official code draws latent_dist.sample() afresh at
-    every visit (noisy_pairs still does); both flips because the flip is redrawn every epoch. Pick-a-Pic v2 at 512 px
-    in fp16: 851k × 2 × 2 × 8 × 64 × 64 × 2 B ≈ 220 GB, so point --cache-dir at a big local disk. Each rank
-    encodes every world_size-th pair into the shared file; a later run with the same key reuses it."""
-    flips = 2 if args.random_flip else 1
-    side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
-    shape = (len(pairs), 2, flips, 2 * vae.config.latent_channels, side, side)
-    key = json.dumps([args.model, args.dataset, source, args.split, args.max_pairs, args.resolution, flips,
-                      str(vae.dtype)])
-    root = Path(args.cache_dir or out / "latent_cache")
-    path = root / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.bin"
-    if not path.with_suffix(".json").exists():
-        if dist.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:
-                f.truncate(math.prod(shape) * vae.dtype.itemsize)
-        barrier()
-        cache = torch.from_file(str(path), shared=True, size=math.prod(shape), dtype=vae.dtype).view(shape)
-        mine = list(range(dist.rank, len(pairs), dist.world_size))
-        chunks = [mine[k:k + args.per_device_batch] for k in range(0, len(mine), args.per_device_batch)]
-        loader = DataLoader(PairDataset(pairs, args.resolution, random_flip=False, seed=0), batch_sampler=chunks,
-                            collate_fn=collate_skip_none, num_workers=args.num_workers)
-        for wanted, batch in zip(chunks, tqdm(loader, desc="caching latents", disable=not dist.is_main)):
-            cache[wanted] = float("nan")  # overwritten below for every pair that decodes
-            if batch is None:
-                continue
-            x = torch.stack([batch["pixel_w"], batch["pixel_l"]], 1)  # (b, 2, 3, R, R)
-            x = torch.stack([x, x.flip(-1)][:flips], 2)  # (b, 2, F, 3, R, R); flipping pixels = flipping the image
-            with torch.no_grad():
-                moments = vae.encode(x.flatten(0, 2).to(vae.device, vae.dtype)).latent_dist.parameters
-            cache[batch["index"]] = moments.view(*x.shape[:3], *moments.shape[1:]).cpu()
-        barrier()
-        if dist.is_main:
-            path.with_suffix(".json").write_text(key)  # marks the cache complete
-    return torch.from_file(str(path), shared=False, size=math.prod(shape), dtype=vae.dtype).view(shape)
-
-
-def cached_batch(cache, valid, pairs, keys, random_flip: bool, seed: int):
-    """What a training micro-step needs from the latent cache: moments (2B, 2C, h, w) winners first, captions,
-    and how many broken pairs were replaced by the next good one (the same rule as EpochPairs)."""
-    index, flip_w, flip_l, skipped = [], [], [], 0
-    for epoch, i in keys:
-        while not valid[i]:
-            i, skipped = (i + 1) % len(valid), skipped + 1
-        index.append(i)
-        flip_w.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "w")))
-        flip_l.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "l")))
-    moments = torch.cat([cache[index, 0, flip_w], cache[index, 1, flip_l]])  # (2B, 2C, h, w)
-    return moments, [pairs[i].caption for i in index], skipped
+            out = encode_text(todo, tokenizers, text_encoders)
+        parts = out if isinstance(out, tuple) else (out,)
+        table.update({c: tuple(p[k] if cache is None else p[k].cpu() for p in parts) for k, c in enumerate(todo)})
+    device = text_encoders[0].device
+    rows = [torch.stack([table[c][j] for c in captions]).to(device) for j in range(len(table[captions[0]]))]
+    rows = tuple(torch.cat([r, r]) for r in rows)  # (2B, ...): the winners' rows, then the same for the losers
+    return rows if len(rows) > 1 else rows[0]
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -371,7 +310,8 @@ def generate(pipe, prompts: list[str], seeds: list[int], args: Args, autocast) -
 
 
 @torch.no_grad()
-def heldout_eval(unet, ref_unet, pairs, vae, tokenizer, text_encoder, noise_scheduler, args: Args, autocast) -> dict:
+def heldout_eval(unet, ref_unet, pairs, vae, tokenizers, text_encoders, family, timesteps, noise_scheduler, args: Args,
+                 autocast) -> dict:
     """Implicit-reward accuracy on held-out pairs: the fraction whose margin `inside`, averaged over --eval-draws
     (t, ε) draws, is > 0 (0.5 is chance). The draws come from seed 0, the same for every run and method."""
     gen, margins = torch.Generator().manual_seed(0), []
@@ -381,17 +321,19 @@ def heldout_eval(unet, ref_unet, pairs, vae, tokenizer, text_encoder, noise_sche
         pixels = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(vae.device, vae.dtype)  # (2B, 3, R, R)
         moments = vae.encode(pixels).latent_dist.parameters  # (2B, 2C, h, w)
         num = len(batch["caption"])
-        emb = pair_embeddings(batch["caption"], torch.zeros(num, dtype=torch.bool), tokenizer, text_encoder)
+        text = pair_embeddings(batch["caption"], torch.zeros(num, dtype=torch.bool), tokenizers, text_encoders,
+                               encode_text=family.encode_text)
+        inputs = family.unet_inputs(text, args.resolution)
         margin = torch.zeros(num)
         for _ in range(args.eval_draws):
             t, eps, z, _ = draw_noise(gen, num, (moments.shape[1] // 2, *moments.shape[2:]), 0.0,
                                       noise_scheduler.config.num_train_timesteps)
-            x_t, t, eps = noisy_pairs(moments, t.to(vae.device), eps.to(vae.device), z.flatten(0, 1).to(vae.device),
-                                      noise_scheduler, vae.config.scaling_factor)
+            x_t, t, eps = noisy_pairs(moments, timesteps(t).to(vae.device), eps.to(vae.device),
+                                      z.flatten(0, 1).to(vae.device), noise_scheduler, vae.config.scaling_factor)
             with autocast():
-                model_pred = unet(x_t, t, emb).sample
+                model_pred = unet(x_t, t, **inputs).sample
                 with reference_unet(unet, ref_unet) as ref:
-                    ref_pred = ref(x_t, t, emb).sample
+                    ref_pred = ref(x_t, t, **inputs).sample
             margin += diffusion_dpo_loss(model_pred, ref_pred, eps, args.beta)[1].cpu() / args.eval_draws
         margins.append(margin)
     margin = torch.cat(margins)
@@ -408,6 +350,18 @@ def main(args: Args) -> dict:
     if dist.world_size > 1:
         tdist.broadcast_object_list(out, src=0)  # one timestamped folder for all ranks
     out = Path(out[0])
+    check_model_path(args.model, "--model")  # before the data loads: a mistyped path fails in a second
+    family, turbo = model_family(args.model), is_turbo(args.model)  # common/models.py: SD1.5 or SDXL, chosen once
+    timesteps = turbo_timesteps if turbo else all_timesteps
+    sdxl_base = family.name == "sdxl" and not turbo
+    args = dataclasses.replace(  # the None defaults: the official recipe of this model family
+        args, resolution=args.resolution or (1024 if sdxl_base else 512),
+        prompt_dropout=(0.0 if turbo else 0.2) if args.prompt_dropout is None else args.prompt_dropout,
+        warmup_steps=(200 if family.name == "sdxl" else 500) if args.warmup_steps is None else args.warmup_steps,
+        optimizer=args.optimizer or ("adafactor" if family.name == "sdxl" else "adamw"))
+    check_resolution(args.model, args.resolution)
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.beta > 0, f"--beta must be > 0, got {args.beta}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(args.steps >= 1 and args.lora_rank >= 0 and args.eval_draws >= 1, "--steps, --eval-draws must be >= 1 "
@@ -416,23 +370,52 @@ def main(args: Args) -> dict:
             "--log-every, --checkpoint-every and --sample-every must be >= 1")
     require(args.mixed_precision != "fp16" or dist.device.type == "cuda", "--mixed-precision fp16 needs a GPU")
     require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
+    prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     pairs_per_step = batch_arithmetic(args.per_device_batch, dist.world_size, args.grad_accum)
     lr = args.learning_rate * (pairs_per_step if args.scale_lr else 1)
     seed_everything(args.seed, dist.rank)
 
     # ---- data: winner first, ties dropped (common.data.load_pairs)
-    pairs = load_pairs(args.dataset, source, args.split, max_pairs=args.max_pairs)
-    eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs)
+    pairs = load_pairs(args.dataset, source, args.split, max_pairs=args.max_pairs, max_broken=args.max_broken_fraction)
+    eval_pairs = []  # a single parquet file is one split: evaluating "held-out" on it would reuse the training rows
+    if has_heldout_split(source):
+        eval_pairs = load_pairs(args.dataset, source, args.eval_split, max_pairs=args.eval_pairs,
+                                max_broken=args.max_broken_fraction)
+    elif dist.is_main:
+        print(f"--dataset-source {source} is a single parquet file, so it has no held-out split: the held-out "
+              f"evaluation is skipped (point to a folder with {args.split} and {args.eval_split} splits to run it)")
+    relabel = None
+    if args.relabel_with:  # AI feedback: the scorer's preferred image becomes the winner (scores cached, rank-sharded)
+        try:
+            scorer = load_scorer(args.relabel_with, args.scorer_path, clip_path=args.clip_path, device=dist.device)
+        except ValueError as e:
+            raise ValueError(f"--relabel-with {args.relabel_with}: {e}") from e
+        key = json.dumps([args.relabel_with, args.scorer_path, args.clip_path, args.dataset, source, args.split,
+                          args.max_pairs, args.resolution])
+        path = Path(args.cache_dir or out / "latent_cache") / f"scores-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        pairs, relabel = relabel_pairs(pairs, score_pairs(pairs, scorer, args.resolution, path.with_suffix(
+            ".safetensors"), dist, device=dist.device))
+        del scorer
+        if dist.is_main:
+            print(f"relabelled by {args.relabel_with}: {relabel['flipped']} of {relabel['kept']} pairs flipped "
+                  f"against the human labels (agreement {relabel['agreement']:.1%}); {relabel['ties']} scorer ties "
+                  f"and {relabel['undecodable']} undecodable pairs dropped")
     micro = args.per_device_batch * dist.world_size  # pairs per micro-step, all GPUs together
     require(len(pairs) >= micro, f"{len(pairs)} training pairs cannot fill one micro-batch of {micro} pairs "
             f"(--per-device-batch {args.per_device_batch} × {dist.world_size} GPUs)")
     if dist.is_main:
+        print(f"model: {family.pipeline_class.__name__} ({'turbo: t in 250·(t mod 4) + 249, ' if turbo else ''}"
+              f"{args.resolution} px, prompt dropout {args.prompt_dropout:g}, {args.optimizer}, "
+              f"{args.warmup_steps} warm-up steps)")
         print(f"pairs per optimizer step = {args.per_device_batch} per GPU × {dist.world_size} GPUs × "
               f"{args.grad_accum} accumulation = {pairs_per_step} ({2 * pairs_per_step} images)")
         print(f"learning rate = {args.learning_rate:g}" + (f" × {pairs_per_step} = {lr:g}" if args.scale_lr else ""))
         print(f"{args.steps} steps × {pairs_per_step} = {args.steps * pairs_per_step:,} pairs = "
               f"{args.steps * pairs_per_step / len(pairs):.2f} epochs of {len(pairs):,} {args.dataset} pairs "
               f"({args.split}, ties dropped); {len(eval_pairs)} held-out pairs ({args.eval_split})")
+        if family.name == "sdxl" and args.mixed_precision == "fp16" and args.vae is None:
+            print("WARNING: SDXL's own VAE overflows in fp16 (NaN latents): pass --vae madebyollin/sdxl-vae-fp16-fix "
+                  "as the official recipe does")
         if not args.toy and pairs_per_step != PAPER_PAIRS_PER_STEP:
             print(f"WARNING: {pairs_per_step} pairs per step, the paper used {PAPER_PAIRS_PER_STEP}: raise "
                   f"--grad-accum to {PAPER_PAIRS_PER_STEP // (args.per_device_batch * dist.world_size)} to match")
@@ -441,13 +424,12 @@ def main(args: Args) -> dict:
     device = dist.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     autocast = functools.partial(torch.autocast, device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
-    tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device, weight_dtype)
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device, weight_dtype)
-    text_encoder.requires_grad_(False)
-    vae.requires_grad_(False)
+    tokenizers, text_encoders = load_text_encoders(args.model, family, device, weight_dtype)
+    vae = load_vae(args.model, args.vae, device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")  # SD1.5: scaled_linear, 1000
-    require(noise_scheduler.config.prediction_type == "epsilon", "the model must predict epsilon, as SD1.5 does")
+    if turbo:  # official: turbo trains on a zero-terminal-SNR schedule (common.models.zero_terminal_snr)
+        noise_scheduler.alphas_cumprod = zero_terminal_snr(noise_scheduler.alphas_cumprod)
+    require(noise_scheduler.config.prediction_type == "epsilon", "the model must predict epsilon, as SD1.5 and SDXL do")
     side = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     require(side * 2 ** (len(vae.config.block_out_channels) - 1) == args.resolution,
             f"--resolution {args.resolution} must be a multiple of the VAE's downsampling factor")
@@ -465,16 +447,22 @@ def main(args: Args) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay, eps=args.adam_eps)
+    if args.optimizer == "adafactor":  # official SDXL: factored second moments, no first moment, to fit memory
+        optimizer = Adafactor(params, lr=lr, weight_decay=args.weight_decay, clip_threshold=1.0, scale_parameter=False,
+                              relative_step=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(args.adam_beta1, args.adam_beta2),
+                                      weight_decay=args.weight_decay, eps=args.adam_eps)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")  # fp16 needs loss scaling
     gen = torch.Generator().manual_seed(args.seed)  # the loop's only random stream: t, ε, z, prompt dropout
     weights_name = "unet_lora" if args.lora_rank else "unet"
 
-    start = 0
+    start, skipped_total = 0, 0  # pairs replaced because an image did not decode, over the whole run
     if args.resume:
-        start, weights, extra = load_checkpoint(out)
+        start, weights, extra = load_checkpoint(out, script="diffusion_dpo.py")
+        check_resume_args(extra["args"], args)
+        skipped_total = extra.get("skipped_pairs_total", 0)
         require(len(extra["rng"]) == dist.world_size, f"the checkpoint was written by {len(extra['rng'])} "
                 f"processes; resume with as many (this run has {dist.world_size})")
         require(weights_name in weights, f"the checkpoint holds {list(weights)}, not {weights_name}: resume with "
@@ -495,10 +483,17 @@ def main(args: Args) -> dict:
     if dist.is_main:
         write_args(out, args)
     logger = MetricsLogger(out, enabled=dist.is_main, resume_step=start if args.resume else None)
+    if relabel is not None and start == 0:
+        logger.log({"data/relabel_flipped": relabel["flipped"], "data/relabel_agreement": relabel["agreement"]}, 0)
 
     cache, text_cache = None, None
     if args.cache_latents:
-        cache, text_cache = build_latent_cache(pairs, vae, args, source, dist, out), {}
+        cache = build_latent_cache(pairs, vae, args.resolution, args.random_flip,
+                                   [args.model, args.vae, args.dataset, source, args.split, args.max_pairs,
+                                    args.relabel_with, args.scorer_path, args.clip_path],
+                                   Path(args.cache_dir or out / "latent_cache"), dist, args.per_device_batch,
+                                   args.num_workers)
+        text_cache = {}
         valid = torch.isfinite(cache[:, 0, 0, 0, 0, 0])  # a NaN row is a pair whose image did not decode
     keys = micro_batches(len(pairs), args.per_device_batch, dist.rank, dist.world_size, args.seed,
                          start=start * args.grad_accum)
@@ -507,13 +502,14 @@ def main(args: Args) -> dict:
                                  collate_fn=collate_pairs, num_workers=args.num_workers))
     rows = slice(dist.rank * args.per_device_batch, (dist.rank + 1) * args.per_device_batch)  # this rank's pairs
 
-    make_pipe = functools.partial(StableDiffusionPipeline, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)
+    make_pipe = functools.partial(make_pipeline, family, args.model, vae=vae, tokenizers=tokenizers,
+                                  text_encoders=text_encoders,
+                                  scheduler=ddim_sampler(noise_scheduler.config))
     if args.validation_prompts:
         grid_prompts = load_prompts(args.validation_prompts)[:args.num_validation_prompts]
     else:
-        grid_prompts = list(dict.fromkeys(eval_pairs[i].caption for i in range(len(eval_pairs))))
+        shown = eval_pairs or pairs  # the training captions when there is no held-out split
+        grid_prompts = list(dict.fromkeys(shown[i].caption for i in range(min(len(shown), 1000))))
         grid_prompts = grid_prompts[:args.num_validation_prompts]
 
     def sample_grid(step: int) -> None:  # rank 0 only: fixed-seed samples of the current UNet
@@ -548,15 +544,16 @@ def main(args: Args) -> dict:
                 moments = moments.to(device)
             t, eps, z, drop = draw_noise(gen, micro, latent_shape, args.prompt_dropout,
                                          noise_scheduler.config.num_train_timesteps)
-            x_t, t, eps = noisy_pairs(moments, t[rows].to(device), eps[rows].to(device),
+            x_t, t, eps = noisy_pairs(moments, timesteps(t[rows]).to(device), eps[rows].to(device),
                                       z[:, rows].flatten(0, 1).to(device), noise_scheduler, vae.config.scaling_factor)
-            emb = pair_embeddings(captions, drop[rows], tokenizer, text_encoder, text_cache)  # (2B, 77, D)
+            text = pair_embeddings(captions, drop[rows], tokenizers, text_encoders, text_cache, family.encode_text)
+            inputs = family.unet_inputs(text, args.resolution)  # encoder_hidden_states (2B, 77, D) [, SDXL's added]
             last = micro_step == args.grad_accum - 1
             with model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext():
                 with autocast():
-                    model_pred = model(x_t, t, emb).sample  # (2B, 4, h, w)
+                    model_pred = model(x_t, t, **inputs).sample  # (2B, 4, h, w)
                     with torch.no_grad(), reference_unet(unet, ref_unet) as ref:
-                        ref_pred = ref(x_t, t, emb).sample  # (2B, 4, h, w)
+                        ref_pred = ref(x_t, t, **inputs).sample  # (2B, 4, h, w)
                 loss, _, metrics = diffusion_dpo_loss(model_pred, ref_pred, eps, args.beta, compile=args.compile)
                 scaler.scale(loss / args.grad_accum).backward()
             for name, value in {"losses/loss": loss.detach(), **metrics, "charts/skipped_pairs": skipped}.items():
@@ -572,11 +569,14 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         pairs_since += pairs_per_step
+        skipped_total += round(stats[list(totals).index("charts/skipped_pairs")].item() * args.grad_accum *
+                               dist.world_size)  # every step, not only logged ones
 
         if step % args.log_every == 0 or step == 1:
             row = dict(zip(totals, stats.tolist()))
             row["charts/skipped_pairs"] *= args.grad_accum * dist.world_size  # a count, not a mean
-            row.update({"charts/learning_rate": lr_now, "charts/grad_norm": grad_norm.item(),
+            row.update({"charts/skipped_pairs_total": skipped_total, "charts/learning_rate": lr_now,
+                        "charts/grad_norm": grad_norm.item(),
                         "charts/pairs_seen": step * pairs_per_step, "charts/epoch": step * pairs_per_step / len(pairs),
                         "charts/pairs_per_second": pairs_since / (time.time() - clock)})
             logger.log(row, step)
@@ -584,9 +584,10 @@ def main(args: Args) -> dict:
             clock, pairs_since = time.time(), 0
         if step % args.checkpoint_every == 0 or step == args.stop_at_step:
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
-            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], extra={
+            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="diffusion_dpo.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "args": args, "base_model": args.model})
+                "scaler": scaler.state_dict(), "args": args, "base_model": args.model,
+                "skipped_pairs_total": skipped_total})
         if dist.is_main and grid_prompts and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(step)
         barrier()
@@ -603,19 +604,14 @@ def main(args: Args) -> dict:
     # ---- final weights in diffusers' format, then evaluation (rank 0)
     summary = {}
     if dist.is_main:
-        if args.lora_rank:
-            StableDiffusionPipeline.save_lora_weights(
-                out / "final" / "lora", unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}"); ' \
-                   f'pipe.load_lora_weights("{out / "final" / "lora"}")'
-        else:
-            unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}", ' \
-                   f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
+        load = save_final(family, unet, args.lora_rank > 0, args.model, out)  # final/unet or final/lora
         unet.eval()
         summary = {"train_pairs": len(pairs), "steps": args.steps, "pairs_per_step": pairs_per_step,
-                   **heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizer, text_encoder, noise_scheduler, args,
-                                  autocast)}
+                   "skipped_pairs_total": skipped_total,
+                   **({f"relabel/{k}": v for k, v in relabel.items()} if relabel else {})}
+        if eval_pairs:
+            summary.update(heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizers, text_encoders, family, timesteps,
+                                        noise_scheduler, args, autocast))
         if args.toy and args.reward_seeds:  # the toy reward of fixed-seed samples, base model vs trained model
             prompts = [p for _ in range(args.reward_seeds) for p in load_prompts(str(toy_world().prompts))]
             seeds = list(range(len(prompts)))
@@ -636,7 +632,8 @@ def main(args: Args) -> dict:
             print(f"WARNING: {summary['warning']}", file=sys.stderr)  # exit 0 either way; say it loudly
         logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"
+        print((f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"
+               if eval_pairs else "no held-out evaluation (no held-out split)")
               + (f"; toy reward {summary['eval/reward_base']:.4f} -> {summary['eval/reward_final']:.4f} "
                  f"(p = {summary['eval/reward_pvalue']:.2g})" if "eval/reward_base" in summary else ""))
         print(f"load the result with:\n    {load}")

@@ -25,9 +25,13 @@ max(-A·ρ, -A·clip(ρ, 1 ± ε)) and advantages normalised per prompt with run
 (ddpo-pytorch's defaults are also --lr 3e-4 --max-grad-norm 1 --guidance-scale 5; its on-policy inner epoch is
 --buffer-size = sample-batch x num-steps with policy-steps x grad-accum x policy-batch equal to that number.)
 
-Usage:
-    python dpok.py --reward-path runs/reward_model-<time>/final                     # one GPU, DPOK's recipe
-    torchrun --nproc_per_node 8 dpok.py --reward-path runs/reward_model-<time>/final  # 8 GPUs, 8x the samples
+Usage (the official README's two runs, ImageReward as the reward; flags equal to the defaults are left out):
+    python dpok.py --reward imagereward --prompt "A green colored rabbit."   # single prompt, 1 GPU: α 10, β 0.01
+    torchrun --nproc_per_node <GPUs> dpok.py --reward imagereward --prompts data_meta.json --reward-coef 1000 \
+        --kl-coef 0.1 --policy-batch 2 --sample-batch 6 --iterations 20000  # multi-prompt: DPOK's DrawBench prompts
+    (data_meta.json: google-research dpok/dataset/drawbench/, a dict keyed by prompt; the README does not say on how
+    many GPUs it ran. --iterations = its max_train_steps 100000 / p_step 5.)
+    python dpok.py --reward reward-model --reward-path runs/reward_model-<time>/final  # our learned reward instead
     python dpok.py --toy                                           # the offline toy world on a CPU, about a minute
 """
 
@@ -67,20 +71,24 @@ class Args:
     """training prompts: a text file (one per line), .json list, parquet, HPSv2 folder, 'partiprompts' or 'pickapic'"""
     prompt: str | None = None
     """train on this one prompt instead (DPOK's single-prompt runs, e.g. "A green colored rabbit.")"""
-    reward: Literal["reward-model", "pickscore", "aesthetic", "clip", "toy"] = "reward-model"
-    """r(x0, z) from common/scorers.py; 'reward-model' is the CLIP-embedding MLP that reward_model.py trains (DPOK's)"""
+    reward: Literal["imagereward", "reward-model", "hps", "pickscore", "aesthetic", "clip", "toy"] = "imagereward"
+    """r(x0, z) from common/scorers.py: 'imagereward' is DPOK's (official --reward_flag 0, the default); 'reward-model'
+    the CLIP-embedding MLP that reward_model.py trains (DPOK's --reward_flag 1)"""
     reward_path: str | None = None
     """the reward's weights: reward_model.py's output folder ('reward-model') or the head file ('aesthetic'), both
-    required; for 'clip'/'pickscore' a local copy of the model (None: the hub default)"""
+    required; ImageReward.pt or its folder ('imagereward'), HPS_v2.1_compressed.pt or its folder ('hps'), a copy of
+    the model ('clip', 'pickscore'): None downloads the hub default"""
     reward_clip_path: str | None = None
-    """the CLIP model the reward embeds images with (None: the scorer's default, CLIP ViT-L/14)"""
+    """the reward's processor or backbone (None: the scorer's default, e.g. CLIP ViT-L/14); for 'imagereward' BLIP's
+    BERT tokenizer (default bert-base-uncased)"""
     # ---- the method
     reward_coef: float = 10.0
     """α, weight of the reward term (official README single-prompt run: 10; argparse default 100; multi-prompt 1000)"""
     reward_scale: Literal["base", "none"] = "base"
     """'base': r / s, s the std of the base model's rewards on the fixed-seed validation set (measured once, at the
     start), so that α weighs a reward of unit spread against β·KL in any reward's units (DPOK's α, β were tuned on
-    ImageReward, whose score is standardised by its authors); 'none': r in the scorer's own units"""
+    ImageReward, whose score is standardised by its authors); 'none': r in the scorer's own units, as DPOK's code
+    (our departure: the default must also serve a learned reward, whose scores have no fixed unit)"""
     kl_coef: float = 0.01
     """β, weight of the KL term (official: 0.01 single prompt, 0.1 multi-prompt); 0 drops the reference pass (DDPO)"""
     kl: Literal["eps-mse", "gaussian"] = "eps-mse"
@@ -135,6 +143,8 @@ class Args:
     eval.json"""
     resume: str | None = None
     """an output dir or checkpoint folder to continue from exactly (weights, optimizers, buffer, RNG streams)"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     checkpoint_every: int = 100
     """iterations between checkpoints (official save_interval: 100)"""
     sample_every: int = 100
@@ -335,6 +345,7 @@ def main(args: Args) -> Path:
     dist = runtime.setup_distributed()
     device = dist.device
     # ---- guard rails: reject what cannot work before loading anything
+    runtime.check_model_path(args.pretrained, "--pretrained")
     T = args.num_steps
     require(args.reward_coef > 0, f"--reward-coef must be > 0, got {args.reward_coef}")
     require(args.kl_coef >= 0, f"--kl-coef must be >= 0, got {args.kl_coef}")
@@ -353,6 +364,8 @@ def main(args: Args) -> Path:
             f"--reward-path {args.reward_path!r} does not exist: --reward {args.reward} needs "
             + ("the folder reward_model.py wrote (e.g. runs/reward_model-<time>/final)" if args.reward == "reward-model"
                else "the LAION aesthetic head's weights (sac+logos+ava1-l14-linearMSE.pth)"))
+    require(args.reward_path is None or Path(args.reward_path).exists(),
+            f"--reward-path {args.reward_path!r} does not exist (--reward {args.reward})")
     require(device.type == "cuda" or args.mixed_precision != "fp16", "--mixed-precision fp16 needs a GPU; use bf16, no")
     runtime.seed_everything(args.seed, dist.rank)
     if args.output_dir is None:  # rank 0's clock, so every rank writes to the same folder
@@ -360,7 +373,8 @@ def main(args: Args) -> Path:
         if tdist.is_initialized():
             tdist.broadcast_object_list(stamp, src=0)
         args = dataclasses.replace(args, output_dir=f"runs/dpok-{stamp[0]}")
-    out = Path(args.output_dir)
+    out = runtime.prepare_output_dir(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite,
+                                     is_main=dist.is_main)
 
     # ---- models: frozen VAE and text encoder; the UNet with LoRA (or full, against a frozen copy)
     tokenizer = CLIPTokenizer.from_pretrained(args.pretrained, subfolder="tokenizer")
@@ -428,7 +442,8 @@ def main(args: Args) -> Path:
     history: dict[str, list[float]] = {}
     start = 0
     if args.resume:
-        start, weights, extra = runtime.load_checkpoint(args.resume)
+        start, weights, extra = runtime.load_checkpoint(args.resume, script="dpok.py")
+        runtime.check_resume_args(extra["args"], args)
         missing = {n for n, p in unet.named_parameters() if p.requires_grad} - set(weights["policy"])
         require(not missing, f"--resume {args.resume}: the checkpoint lacks {len(missing)} trainable tensors "
                 f"(e.g. {next(iter(missing), '')}); was it saved with another --lora-rank?")
@@ -586,7 +601,7 @@ def main(args: Args) -> Path:
             weights = {"policy": trainable, "value": value_net.state_dict(), "buffer": shards}
             extra = {"optimizer": optimizer.state_dict(), "value_optimizer": value_optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "history": history, "args": args, "pretrained": args.pretrained}
-            runtime.save_checkpoint(out, it + 1, weights, extra, generators=[gen, noise_gen])
+            runtime.save_checkpoint(out, it + 1, weights, extra, generators=[gen, noise_gen], script="dpok.py")
 
     # ---- final weights in diffusers format, and the fixed-seed comparison with the base model
     if dist.is_main:
@@ -594,10 +609,11 @@ def main(args: Args) -> Path:
         if args.lora_rank > 0:
             StableDiffusionPipeline.save_lora_weights(
                 final_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe.load_lora_weights("{final_dir}", weight_name="pytorch_lora_weights.safetensors")'
+            load = f'pipe.load_lora_weights("{runtime.absolute(final_dir)}", ' \
+                   f'weight_name="pytorch_lora_weights.safetensors")'
         else:
             unet.save_pretrained(final_dir)
-            load = f'pipe.unet = UNet2DConditionModel.from_pretrained("{final_dir}")'
+            load = f'pipe.unet = UNet2DConditionModel.from_pretrained("{runtime.absolute(final_dir)}")'
         _, final_policy, kl = validate(unet, ref_unet, *evaluation, with_kl=True)
         # The comparison itself with evaluate.py's sampler (DDIM --sample-steps, η = 0, image k seeded k), so that
         # eval.json and evaluate.py agree on the same model.
@@ -625,7 +641,8 @@ def main(args: Args) -> Path:
                       num_val=args.num_val, iterations=args.iterations, sample_steps=args.sample_steps, eta=0.0)
         print(f"fixed-seed reward (DDIM {args.sample_steps} steps, η 0): base {result['reward_base']:.4f} -> final "
               f"{result['reward_final']:.4f} (paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}"
-              f"\nload with: pipe = StableDiffusionPipeline.from_pretrained(\"{args.pretrained}\"); {load}")
+              f"\nload with:\n    from diffusers import StableDiffusionPipeline, UNet2DConditionModel; "
+              f'pipe = StableDiffusionPipeline.from_pretrained("{runtime.absolute(args.pretrained)}"); {load}')
         if result["reward_final"] < result["reward_base"]:  # the run exits 0 either way: say it where it is seen
             result["warning"] = (f"the trained model's reward is BELOW the base model's ({result['reward_final']:.4g}"
                                  f" < {result['reward_base']:.4g})")

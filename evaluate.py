@@ -15,8 +15,9 @@ A model trained with several seeds is given as NAME=RUN_A,RUN_B,RUN_C: each run 
 is the mean over runs, and its intervals resample the seeds as well as the prompts (seeds_comparison), so a method
 whose seeds disagree gets a wide interval. The toy default evaluates on held-out prompts the study never trains on.
 
-Scorers r (common/scorers.py): CLIP score 100 max(cos, 0), PickScore, LAION aesthetic, a reward model trained by
-reward_model.py, the toy reward. Set metrics, one number per model (no per-prompt pairing, compared only at equal
+Scorers r (common/scorers.py): CLIP score 100 max(cos, 0) per image (Hessel et al.'s clamp; `clip-raw` gives
+torchmetrics' unclamped 100 cos), PickScore, HPS v2.1 (100 cos), ImageReward, LAION aesthetic, a reward model trained
+by reward_model.py, the toy reward. Set metrics, one number per model (no per-prompt pairing, compared only at equal
 sample counts): FID = ||mu_g - mu_r||^2 + Tr(S_g + S_r - 2 (S_g S_r)^(1/2)) and KID (unbiased MMD^2, cubic kernel)
 on Inception pool features against a reference set, and Inception Score exp(E_x KL(p(y|x) || p(y))), all with
 clean-fid's functions on clean-fid's TorchScript Inception (https://github.com/GaParmar/clean-fid), each with a
@@ -32,6 +33,8 @@ Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX sft=runs/sft-XXXX/final/lora \
         --prompts partiprompts --fid-reference coco_val2014/ --inception-path ~/inception-2015-12-05.pt
     torchrun --nproc_per_node 8 evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX   # sampling split over GPUs
+    python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX --prompts pickapic \
+        --scorers pickscore hps aesthetic clip imagereward --scorer-paths aesthetic=sac+logos+ava1-l14-linearMSE.pth
     python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
     python evaluate.py --candidates dpo=runs/dpo-s0,runs/dpo-s1,runs/dpo-s2 dpok=runs/dpok-s0,runs/dpok-s1 ...
     python evaluate.py --toy            # the toy base against a toy diffusion_dpo.py run (trained first if missing)
@@ -63,13 +66,13 @@ from tqdm import tqdm
 
 from common.data import decode_image, load_prompts
 from common.runtime import barrier, cleanup_distributed, require, save_image_grid, setup_distributed, write_args
-from common.scorers import load_scorer
+from common.scorers import ScorerName, load_scorer
 from common.toy import PROMPT_FILES
 from common.toy import PROMPTS as TOY_PROMPTS
 from common.toy import toy_world
 
 REPO = Path(__file__).resolve().parent
-ScorerName = Literal["toy", "clip", "pickscore", "aesthetic", "reward-model"]
+# toy, clip, clip-raw, pickscore, hps, imagereward, aesthetic, reward-model: see common/scorers.py
 Criterion = Literal["appeal", "alignment", "overall"]
 QUESTIONS = {"appeal": "Which image is more visually appealing? (the prompt is hidden: judge the image alone)",
              "alignment": "Which image fits the text better?",
@@ -112,12 +115,14 @@ class Args:
     """dtype of the weights for sampling (inference needs no fp32 master copy); "no" on a CPU"""
     # ---- metrics
     scorers: tuple[ScorerName, ...] = ("clip", "pickscore")
-    """per-image scorers (common/scorers.py); aesthetic and reward-model need --scorer-paths"""
+    """per-image scorers (common/scorers.py); aesthetic and reward-model need --scorer-paths. Diffusion-DPO's table:
+    pickscore hps aesthetic clip imagereward; DPOK's: imagereward"""
     scorer_paths: tuple[str, ...] = ()
     """NAME=PATH: a scorer's weights when not its default hub id, e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth
     reward-model=runs/reward_model-XXXX/final"""
     scorer_clip_paths: tuple[str, ...] = ()
-    """NAME=PATH: a scorer's CLIP processor (clip, pickscore) or backbone (aesthetic, reward-model), if not default"""
+    """NAME=PATH: a scorer's processor (clip, clip-raw, pickscore, hps), backbone (aesthetic, reward-model) or BERT
+    tokenizer (imagereward), if not its default"""
     fid_reference: str | None = None
     """FID/KID reference: an image folder, a parquet with an `image` column, or an .npz of mu, sigma (and feats, for
     KID) such as the reference_stats.npz this script writes. None: no FID/KID"""
@@ -314,9 +319,16 @@ def fleiss_kappa(counts: np.ndarray) -> float:
 
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
     """IS = exp(E_x KL(p(y|x) || p(y))) on each of `splits` parts of probs (N, classes); (mean, std) over the parts,
-    as Salimans et al. 2016 (https://github.com/openai/improved-gan, inception_score/model.py) report it."""
+    as Salimans et al. 2016 (https://github.com/openai/improved-gan, inception_score/model.py) report it.
+
+    Part i is rows [i·N // splits, (i+1)·N // splits), the original's split (np.array_split puts the remainder in the
+    first parts instead, which moves the std by ~7 % at N = 1003). Ours adds 1e-12 inside the logs (the original
+    has none: a probability of exactly 0 would give nan) and uses min(splits, N) parts so none is empty."""
+    probs, n = probs.astype(np.float64), len(probs)
+    splits = min(splits, n)
     scores = []
-    for part in np.array_split(probs.astype(np.float64), min(splits, len(probs))):
+    for i in range(splits):
+        part = probs[i * n // splits : (i + 1) * n // splits]
         p_y = part.mean(axis=0, keepdims=True)
         kl = (part * (np.log(part + 1e-12) - np.log(p_y + 1e-12))).sum(axis=1)
         scores.append(math.exp(kl.mean()))
@@ -417,12 +429,18 @@ def resolve_model(name: str, path: str, base: str) -> Model:
 
 
 def load_pipeline(model: Model, dtype: torch.dtype, device: torch.device):
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    """StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the UNet's config (common/models.py), with
+    the candidate's UNet or LoRA. A LoRA saved by our scripts for SDXL loads with StableDiffusionXLPipeline's own
+    load_lora_weights."""
+    from diffusers import UNet2DConditionModel
 
-    # No safety checker: it blacks out images, which would be scored as model outputs (the papers' evaluations
-    # disable it too); no trust_remote_code anywhere.
-    pipe = StableDiffusionPipeline.from_pretrained(model.pipeline, dtype=dtype, safety_checker=None,
-                                                   requires_safety_checker=False)
+    from common.models import SD15, model_family
+
+    family = model_family(model.pipeline)
+    # No safety checker (SD1.5; SDXL ships none): it blacks out images, which would be scored as model outputs (the
+    # papers' evaluations disable it too); no trust_remote_code anywhere.
+    extra = dict(safety_checker=None, requires_safety_checker=False) if family is SD15 else {}
+    pipe = family.pipeline_class.from_pretrained(model.pipeline, dtype=dtype, **extra)
     if model.unet:
         pipe.unet = UNet2DConditionModel.from_pretrained(model.unet, dtype=dtype)
     if model.lora:
@@ -755,8 +773,8 @@ def check_args(args: Args) -> Args:
         run = REPO / "runs" / "evaluate-toy-dpo"  # a cache: trained once, reused by later --toy evaluations
         if not (run / "final" / "unet").is_dir():
             print(f"no candidate given: training one with `python diffusion_dpo.py --toy --output-dir {run}`")
-            subprocess.run([sys.executable, str(REPO / "diffusion_dpo.py"), "--toy", "--output-dir", str(run)],
-                           check=True, cwd=REPO)
+            subprocess.run([sys.executable, str(REPO / "diffusion_dpo.py"), "--toy", "--output-dir", str(run),
+                            "--overwrite"], check=True, cwd=REPO)  # replaces the debris of an interrupted training
         args = replace(args, candidates=(f"dpo={run}",))
     default_dir = REPO / "runs" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     return replace(args, output_dir=args.output_dir or str(default_dir))

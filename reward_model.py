@@ -3,8 +3,14 @@
 DPOK's custom reward (Fan et al. 2023, https://arxiv.org/abs/2305.16381) and the reward of Lee et al. 2023
 ("Aligning Text-to-Image Models using Human Feedback", https://arxiv.org/abs/2302.12192):
 
-    r_φ(x, z) = MLP_φ([e_I(x) / |e_I(x)|, e_T(z) / |e_T(z)|])    e_I, e_T: frozen CLIP ViT-L/14 embeddings (768 + 768)
-    MLP_φ: three Linear(·, 512) + LeakyReLU, then Linear(512, 1)   (common/scorers.py: RewardMLP)
+    --head dpok:  r_φ(x, z) = σ(MLP_φ([e_T(z), e_I(x)]))                 DPOK's RewardModel (dpok/reward_model.py)
+    --head mlp:   r_φ(x, z) = MLP_φ([e_I(x) / |e_I(x)|, e_T(z) / |e_T(z)|])   ours
+    e_I, e_T: frozen CLIP ViT-L/14 embeddings (768 + 768); MLP_φ: three Linear(·, 512) + LeakyReLU, then
+    Linear(512, 1) (common/scorers.py: RewardMLP). DPOK's head ends in a sigmoid on raw embeddings, so r ∈ (0, 1):
+    the scale DPOK's α (10 to 1000) was tuned for, and the scale of Lee et al.'s labels. It is the default with
+    --loss binary --label-loss mse (DPOK's custom reward was trained that way). With --loss pairwise the default is
+    ours, a departure: a sigmoid caps the Bradley-Terry logit r_w - r_l at ±1 (P(x_w ≻ x_l) ≤ σ(1) = 0.73), and
+    our unbounded r has another scale (tens on the toy world): rescale α when DPOK uses it (docs/dpok.md).
 
 --loss pairwise: Bradley–Terry on preference pairs x_w ≻ x_l for a prompt z (ImageRewardDB and/or Pick-a-Pic):
 
@@ -37,9 +43,9 @@ zero-shot CLIP score 100 · max(cos(e_I, e_T), 0) on the same pairs. The result 
 
 Usage:
     python reward_model.py                                                  # ImageRewardDB train -> test accuracy
-    python reward_model.py --dataset imagereward pickapic --pickapic-source /data/pickapic_v2
-    python reward_model.py --loss binary --binary-source /data/lee2023      # {train,validation}.parquet
-    torchrun --nproc_per_node 8 reward_model.py --dataset pickapic --pickapic-source /data/pickapic_v2
+    python reward_model.py --dataset imagereward pickapic --dataset-source pickapic=/data/pickapic_v2
+    python reward_model.py --loss binary --dataset-source binary=/data/lee2023  # {train,validation}.parquet
+    torchrun --nproc_per_node 8 reward_model.py --dataset pickapic --dataset-source pickapic=/data/pickapic_v2
     python reward_model.py --toy                                            # offline toy world, a minute on a CPU
 """
 
@@ -68,9 +74,10 @@ from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
 from common import kernels
-from common.data import PickapicPairs, decode_image, image_bytes, load_binary, load_pairs
-from common.runtime import (MetricsLogger, all_reduce_mean, barrier, check_finite, cleanup_distributed, load_checkpoint,
-                            require, save_checkpoint, seed_everything, set_rng_state, setup_distributed, write_args)
+from common.data import PickapicPairs, decode_image, has_heldout_split, image_bytes, load_binary, load_pairs
+from common.runtime import (MetricsLogger, absolute, all_reduce_mean, barrier, check_finite, check_resume_args,
+                            cleanup_distributed, load_checkpoint, prepare_output_dir, require, save_checkpoint,
+                            seed_everything, set_rng_state, setup_distributed, write_args)
 from common.scorers import CLIP_L14, ClipBackbone, RewardMLP, clip_pixels, save_reward_model
 
 log = logging.getLogger("reward_model")
@@ -82,16 +89,17 @@ class Args:
     """pairwise: Bradley-Terry on preference pairs (DPOK, ImageReward, PickScore); binary: Lee et al.'s labels"""
     dataset: tuple[Literal["imagereward", "pickapic"], ...] = ("imagereward",)
     """preference data: trained on with --loss pairwise, held-out accuracy reported for both losses; one or both"""
-    imagereward_source: str = "THUDM/ImageRewardDB"
-    """ImageRewardDB hub id or folder (metadata-<split>.parquet, images/<split>/<split>_N.zip); train = the 8k config"""
-    pickapic_source: str = "yuvalkirstain/pickapic_v2"
-    """Pick-a-Pic v2 hub id, folder or parquet (the original id answers 404 since 2025: point to a copy)"""
+    dataset_source: tuple[str, ...] = ()
+    """NAME=SOURCE (hub id, folder or parquet) per data set: imagereward (default THUDM/ImageRewardDB: metadata-<split>
+    .parquet, images/<split>/<split>_N.zip), pickapic (default yuvalkirstain/pickapic_v2, which answers 404 since
+    2025: point to a copy), binary (--loss binary, no default: {train,validation}.parquet of prompt, image, label)"""
     imagereward_eval_split: str = "test"
     """held-out ImageRewardDB split: its test set (466 prompts, 6,399 non-tie pairs) is the published benchmark"""
     pickapic_eval_split: str = "test_unique"
     """held-out Pick-a-Pic split: PickScore's 70.5 % is on test_unique"""
-    binary_source: str = ""
-    """--loss binary: a folder with {train,validation}.parquet of prompt, image (bytes), label (1 good, 0 bad)"""
+    max_broken_fraction: float = 0.01
+    """rows with unusable labels or ranks (null, non-numeric, out of range) are skipped and counted up to this
+    fraction of a split; above it the run stops, naming the column (common/data.py)"""
     max_train_pairs: int | None = None
     """use at most this many training pairs per dataset (None: all)"""
     keep_ties: bool = False
@@ -106,18 +114,21 @@ class Args:
     """binary: T, the softmax temperature of the prompt-classification term, softmax_i r(x, z_i) / T"""
     clip_path: str = CLIP_L14
     """the frozen CLIP backbone (hub id or folder); DPOK uses ViT-L/14"""
+    head: Literal["dpok", "mlp"] | None = None
+    """dpok: σ(MLP([e_T, e_I])) on raw embeddings, DPOK's; mlp: MLP([e_I/|e_I|, e_T/|e_T|]), ours (None: dpok with
+    --loss binary --label-loss mse, DPOK's recipe; mlp otherwise, as a sigmoid caps the Bradley-Terry logit at ±1)"""
     hidden_dim: int = 512
     """width of the MLP's hidden layers (DPOK: 512)"""
     num_hidden_layers: int = 3
     """Linear + LeakyReLU layers before the output layer (DPOK: 3)"""
-    epochs: int = 10
-    """passes over the training pairs (or labelled images)"""
-    batch_size: int = 256
-    """pairs (or labelled images) per GPU per micro-step; effective batch = batch_size x GPUs x grad_accum"""
+    steps: int | None = None
+    """optimizer steps (None: 10 passes over the training pairs or labelled images, our choice)"""
+    per_device_batch: int = 256
+    """pairs (or labelled images) per GPU per micro-step; effective batch = per-device batch x GPUs x grad-accum"""
     grad_accum: int = 1
     """micro-steps accumulated per optimizer step"""
-    lr: float = 1e-4
-    """AdamW learning rate, constant (epochs, batch and lr are our choices, not a published recipe)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate, constant (length, batch and learning rate are our choices, not a published recipe)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     embed_batch_size: int = 64
@@ -130,10 +141,12 @@ class Args:
     """autocast for the CLIP forward that fills the cache (fp16 needs a GPU); the head trains in float32"""
     compile: bool = False
     """torch.compile the head and the loss (eager is the reference)"""
-    output_dir: str = ""
+    output_dir: str | None = None
     """run folder (default runs/reward_model-<timestamp>): args.json, metrics.jsonl, tb/, checkpoints/, final/"""
     resume: bool = False
     """continue from --output-dir's latest checkpoint"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
     checkpoint_every: int = 500
     """optimizer steps between checkpoints (and one at the end)"""
     eval_every: int = 200
@@ -365,10 +378,11 @@ def image_embeddings(name: str, rows, fields: tuple[str, ...], source: str, spli
 
 def pair_set(name: str, split: str, args: Args, dist, device, train: bool) -> dict[str, torch.Tensor]:
     """Embedded preference pairs: img table, w/l/t indices (P,), y targets (P,); pairs with a broken image dropped."""
-    source = args.imagereward_source if name == "imagereward" else args.pickapic_source
+    source = dataset_sources(args)[name]
     keep_ties = args.keep_ties and train
     max_pairs = args.max_train_pairs if train else None
-    pairs = load_pairs(name, source, split, keep_ties=keep_ties, max_pairs=max_pairs)
+    pairs = load_pairs(name, source, split, keep_ties=keep_ties, max_pairs=max_pairs,
+                       max_broken=args.max_broken_fraction)
     if isinstance(pairs, PickapicPairs):  # read the caption column alone: a row also holds two encoded images
         captions, ties = pairs.ds.select_columns(["caption"])[pairs.rows.tolist()]["caption"], pairs.tie.tolist()
     else:
@@ -387,11 +401,13 @@ def pair_set(name: str, split: str, args: Args, dist, device, train: bool) -> di
                 t=t[ok], y=y[ok])
 
 
-def binary_set(split: str, subs: dict[str, Counter], args: Args, dist, device) -> dict[str, torch.Tensor]:
-    """Embedded labelled images: img table, i (R,), label (R,), t (R, n) text ids, column 0 the true prompt."""
-    ds = load_binary(args.binary_source, split)
+def binary_set(split: str, subs: dict[str, Counter] | None, args: Args, dist, device) -> tuple[dict, dict]:
+    """Embedded labelled images: img table, i (R,), label (R,), t (R, n) text ids, column 0 the true prompt; and the
+    word substitutes of the perturbed prompts (`subs`, or, if None, those of this split's prompts)."""
+    ds = load_binary(dataset_sources(args)["binary"], split, max_broken=args.max_broken_fraction)
     table = ds.select_columns(["prompt", "label"]).to_dict()
-    c = image_embeddings("binary", ds, ("image",), args.binary_source, split, {}, args, dist, device)
+    subs = substitutes(sorted(set(table["prompt"]))) if subs is None else subs
+    c = image_embeddings("binary", ds, ("image",), dataset_sources(args)["binary"], split, {}, args, dist, device)
     prompts = sorted(set(table["prompt"]))
     options = {p: [p] + perturb_prompt(p, subs, args.num_prompts - 1, args.seed) for p in prompts}
     texts = sorted({s for opts in options.values() for s in opts})
@@ -399,11 +415,11 @@ def binary_set(split: str, subs: dict[str, Counter], args: Args, dist, device) -
     t = torch.tensor([[ids[s] for s in options[p]] for p in table["prompt"]])  # (R, n)
     ok = c["index"][:, 0] >= 0
     label = torch.tensor(table["label"], dtype=torch.float32)
-    require(bool(((label == 0) | (label == 1)).all()), f"{args.binary_source} {split}: labels must be 0 or 1")
+    require(bool(((label == 0) | (label == 1)).all()), f"{dataset_sources(args)['binary']} {split}: labels must be 0 or 1")
     if not ok.all():
         print(f"binary {split}: skipped {int((~ok).sum())} of {len(ok)} undecodable images")
     txt = text_table(texts, args, dist, device)
-    return dict(img=c["table"], i=c["index"][ok, 0], label=label[ok], txt=txt, t=t[ok])
+    return dict(img=c["table"], i=c["index"][ok, 0], label=label[ok], txt=txt, t=t[ok]), subs
 
 
 @torch.no_grad()
@@ -433,23 +449,44 @@ def toy_args(**overrides) -> Args:
     from common.toy import toy_world
 
     world = toy_world()
-    toy = dict(toy=True, clip_path=str(world.clip), imagereward_source=str(world.imagereward),
-               pickapic_source=str(world.pickapic), pickapic_eval_split="test", binary_source=str(world.binary),
-               epochs=10, batch_size=64, lr=1e-3, num_workers=0, eval_every=100, checkpoint_every=200)
+    toy = dict(toy=True, clip_path=str(world.clip), pickapic_eval_split="test", per_device_batch=64, learning_rate=1e-3, num_workers=0, eval_every=100, checkpoint_every=200)
     return dataclasses.replace(Args(), **{**toy, **overrides})
+
+
+DEFAULT_EPOCHS = 10  # --steps None: ten passes over the training data (our choice)
+HUB_SOURCES = {"imagereward": "THUDM/ImageRewardDB", "pickapic": "yuvalkirstain/pickapic_v2"}
+
+
+def dataset_sources(args: Args) -> dict[str, str]:
+    """Each data set's source: the hub default (the toy world's copy with --toy), overridden by --dataset-source
+    NAME=SOURCE, so naming one source keeps the others."""
+    if args.toy:
+        from common.toy import toy_world
+
+        world = toy_world()
+        defaults = dict(imagereward=str(world.imagereward), pickapic=str(world.pickapic), binary=str(world.binary))
+    else:
+        defaults = {**HUB_SOURCES, "binary": ""}
+    return {**defaults, **dict(spec.split("=", 1) for spec in args.dataset_source)}
 
 
 def main(args: Args) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    head_form = args.head or ("dpok" if args.loss == "binary" and args.label_loss == "mse" else "mlp")
+    require(not (head_form == "dpok" and args.loss == "binary" and args.label_loss == "bce"),
+            "--head dpok with --label-loss bce: the head already ends in a sigmoid; use --label-loss mse or --head mlp")
     require(len(args.dataset) > 0 and len(set(args.dataset)) == len(args.dataset),
             f"--dataset: one or more distinct of imagereward, pickapic (got {args.dataset})")
-    require(args.loss != "binary" or args.binary_source != "",
-            "--binary-source: required with --loss binary ({train,validation}.parquet of prompt, image, label)")
+    for spec in args.dataset_source:
+        require(spec.partition("=")[0] in ("imagereward", "pickapic", "binary") and "=" in spec,
+                f"--dataset-source {spec!r}: expected NAME=SOURCE with NAME imagereward, pickapic or binary")
+    require(args.loss != "binary" or dataset_sources(args)["binary"] != "",
+            "--loss binary needs --dataset-source binary=SOURCE ({train,validation}.parquet of prompt, image, label)")
     require(args.num_prompts >= 2 and args.pc_coef >= 0 and args.pc_temperature > 0,
             "--num-prompts must be >= 2, --pc-coef >= 0 and --pc-temperature > 0")
-    require(args.epochs >= 1 and args.batch_size >= 1 and args.grad_accum >= 1,
-            "--epochs, --batch-size and --grad-accum must be >= 1")
-    require(not args.resume or args.output_dir != "", "--resume needs --output-dir (the run to continue)")
+    require((args.steps is None or args.steps >= 1) and args.per_device_batch >= 1 and args.grad_accum >= 1,
+            "--steps, --per-device-batch and --grad-accum must be >= 1")
+    require(not args.resume or args.output_dir is not None, "--resume needs --output-dir (the run to continue)")
     dist = setup_distributed()
     device = dist.device
     require(args.mixed_precision != "fp16" or device.type == "cuda",
@@ -458,11 +495,21 @@ def main(args: Args) -> dict[str, float]:
     if tdist.is_initialized():
         tdist.broadcast_object_list(out, src=0)  # one folder for all ranks, even if their clocks tick apart
     args = dataclasses.replace(args, output_dir=out[0])
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
+    prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     seed_everything(args.seed, dist.rank)
 
     # ---- data: CLIP embeddings, computed once and cached (this is where the GPU time goes, once per data set)
     eval_splits = dict(imagereward=args.imagereward_eval_split, pickapic=args.pickapic_eval_split)
-    eval_sets = {name: pair_set(name, eval_splits[name], args, dist, device, train=False) for name in args.dataset}
+    sources = dataset_sources(args)
+    eval_sets = {}  # a single parquet file is one split: its "held-out" pairs would be the training pairs
+    for name in args.dataset:
+        if has_heldout_split(sources[name]):
+            eval_sets[name] = pair_set(name, eval_splits[name], args, dist, device, train=False)
+        elif dist.is_main:
+            print(f"--dataset-source {name}={sources[name]} is a single parquet file, so it has no held-out split: "
+                  f"no held-out {name} accuracy (point to a folder with train and {eval_splits[name]} splits)")
     if args.loss == "pairwise":
         sets = [pair_set(name, "train", args, dist, device, train=True) for name in args.dataset]
         offset = np.cumsum([0] + [len(s["img"]) for s in sets])  # stack the datasets' tables, shift their indices
@@ -473,9 +520,13 @@ def main(args: Args) -> dict[str, float]:
                      t=torch.cat([s["t"] + o for s, o in zip(sets, toffset)]), y=torch.cat([s["y"] for s in sets]))
         n_train, binary_val = len(train["w"]), None
     else:
-        subs = substitutes(sorted(set(load_binary(args.binary_source, "train")["prompt"])))  # from training prompts
-        train = binary_set("train", subs, args, dist, device)
-        binary_val = binary_set("validation", subs, args, dist, device)
+        train, subs = binary_set("train", None, args, dist, device)  # perturbations from the training prompts
+        binary_val = None
+        if has_heldout_split(dataset_sources(args)["binary"]):
+            binary_val = binary_set("validation", subs, args, dist, device)[0]
+        elif dist.is_main:
+            print(f"--dataset-source binary={sources['binary']} is a single parquet file, so it has no validation split: "
+                  "no held-out binary accuracy")
         n_train = len(train["i"])
     clip_backbone.cache_clear()  # CLIP's work is done (if it ran at all): free its memory before training
     train = {k: v.to(device) for k, v in train.items()}
@@ -484,30 +535,32 @@ def main(args: Args) -> dict[str, float]:
     embed_dim = train["img"].shape[1]
 
     # ---- the run's arithmetic
-    per_step = args.batch_size * dist.world_size * args.grad_accum  # effective batch
+    per_step = args.per_device_batch * dist.world_size * args.grad_accum  # effective batch
     steps_per_epoch = n_train // per_step  # the last partial batch of an epoch is dropped, identically on every rank
-    total_steps = steps_per_epoch * args.epochs
-    require(steps_per_epoch >= 1, f"--batch-size {args.batch_size} x {dist.world_size} GPUs x --grad-accum "
+    total_steps = args.steps or DEFAULT_EPOCHS * steps_per_epoch
+    require(steps_per_epoch >= 1, f"--per-device-batch {args.per_device_batch} x {dist.world_size} GPUs x --grad-accum "
                                   f"{args.grad_accum} = {per_step} exceeds the {n_train} training items")
     unit = "pairs" if args.loss == "pairwise" else "labelled images"
     say = print if dist.is_main else (lambda *_: None)
-    say(f"{n_train} training {unit}; effective batch {args.batch_size} x {dist.world_size} GPUs x {args.grad_accum} "
-          f"accumulation = {per_step}; {steps_per_epoch} steps/epoch x {args.epochs} epochs = {total_steps} steps "
-          f"({total_steps * per_step} {unit} seen); lr {args.lr}; CLIP embedding dim {embed_dim}")
+    say(f"{n_train} training {unit}; effective batch {args.per_device_batch} x {dist.world_size} GPUs x "
+        f"{args.grad_accum} accumulation = {per_step}; {total_steps} steps = {total_steps / steps_per_epoch:.2f} "
+        f"epochs of {steps_per_epoch} steps ({total_steps * per_step} {unit} seen); learning rate "
+        f"{args.learning_rate}; CLIP embedding dim {embed_dim}")
 
     # ---- the head, optimizer and resumption
     # Seed again here: filling the cache draws from the global RNG (DataLoader seeds), a cache hit does not, and
     # the head's initialisation must not depend on which happened.
     seed_everything(args.seed, dist.rank)
-    head = RewardMLP(embed_dim, args.hidden_dim, args.num_hidden_layers).to(device)
+    head = RewardMLP(embed_dim, args.hidden_dim, args.num_hidden_layers, head_form).to(device)
     model = torch.nn.parallel.DistributedDataParallel(head) if dist.world_size > 1 else head
     forward = torch.compile(model) if args.compile else model
     loss_fn = kernels.compiled(pairwise_loss if args.loss == "pairwise" else binary_loss, args.compile)
     threshold = label_threshold(args.label_loss)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     start = 0
     if args.resume:
-        start, weights, extra = load_checkpoint(args.output_dir)
+        start, weights, extra = load_checkpoint(args.output_dir, script="reward_model.py")
+        check_resume_args(extra["args"], args)
         require((extra["n_train"], extra["per_step"]) == (n_train, per_step),
                 f"--resume: the checkpoint ran {extra['per_step']} items per step over {extra['n_train']}; this run "
                 f"has {per_step} over {n_train}, so the data order would not continue (same flags and GPU count)")
@@ -518,7 +571,7 @@ def main(args: Args) -> dict[str, float]:
     if dist.is_main:
         write_args(args.output_dir, args)
     logger = MetricsLogger(args.output_dir, enabled=dist.is_main, resume_step=start if args.resume else None)
-    config = dict(clip=args.clip_path, embed_dim=embed_dim, hidden_dim=args.hidden_dim,
+    config = dict(clip=args.clip_path, embed_dim=embed_dim, hidden_dim=args.hidden_dim, head=head_form,
                   num_hidden_layers=args.num_hidden_layers, loss=args.loss, dataset=list(args.dataset),
                   **(dict(label_loss=args.label_loss) if args.loss == "binary" else {}))
     clip_acc = {k: v for k, v in evaluate(head, eval_sets, None).items() if "clip_score" in k}
@@ -529,7 +582,7 @@ def main(args: Args) -> dict[str, float]:
     for step in tqdm(range(start, total_steps), initial=start, total=total_steps, disable=not dist.is_main):
         epoch, i = divmod(step, steps_per_epoch)
         perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        idx = perm[i * per_step : (i + 1) * per_step].view(args.grad_accum, dist.world_size, args.batch_size)
+        idx = perm[i * per_step : (i + 1) * per_step].view(args.grad_accum, dist.world_size, args.per_device_batch)
         for a in range(args.grad_accum):
             ids = idx[a, dist.rank].to(device)  # (B,)
             sync = nullcontext() if a == args.grad_accum - 1 or dist.world_size == 1 else model.no_sync()
@@ -558,7 +611,7 @@ def main(args: Args) -> dict[str, float]:
         if done % args.log_every == 0 or done % args.checkpoint_every == 0 or done == total_steps:
             metrics = {k: all_reduce_mean(v / n_summed, dist) for k, v in metrics.items()}
             check_finite(metrics["losses/loss"], done, args.output_dir)  # before any checkpoint can hold a NaN
-            logger.log({**metrics, "charts/learning_rate": args.lr, "charts/epoch": done / steps_per_epoch,
+            logger.log({**metrics, "charts/learning_rate": args.learning_rate, "charts/epoch": done / steps_per_epoch,
                         "charts/items_per_second": per_step * (done - start) / (time.time() - t0)}, done)
             metrics, n_summed = {}, 0
         if done % args.eval_every == 0 or done == total_steps:
@@ -568,7 +621,7 @@ def main(args: Args) -> dict[str, float]:
         if done % args.checkpoint_every == 0 or done == total_steps:
             save_checkpoint(args.output_dir, done, {"head": head.state_dict()},
                             {"optimizer": optimizer.state_dict(), "args": args, "config": config,
-                             "n_train": n_train, "per_step": per_step})
+                             "n_train": n_train, "per_step": per_step}, script="reward_model.py")
 
     # ---- the result: a folder `load_scorer("reward-model", ...)` reads, and the held-out figures
     result = evaluate(head, eval_sets, binary_val, threshold)
@@ -577,7 +630,9 @@ def main(args: Args) -> dict[str, float]:
         save_reward_model(final, head, config)
         (Path(args.output_dir) / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
         print(", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in result.items()))
-        print(f'load it with: common.scorers.load_scorer("reward-model", "{final}")')
+        repo = Path(__file__).resolve().parent  # so the line works when pasted anywhere, not only in this folder
+        print(f'load it with:\n    import sys; sys.path.insert(0, "{repo}"); from common.scorers import load_scorer; '
+              f'scorer = load_scorer("reward-model", "{absolute(final)}")')
     logger.close()
     cleanup_distributed()
     return result

@@ -1,4 +1,5 @@
-"""Supervised baselines for aligning Stable Diffusion 1.5: SFT on preferred images, and reward-weighted fine-tuning.
+"""Supervised baselines for aligning Stable Diffusion 1.5 or SDXL: SFT on preferred images, and reward-weighted
+fine-tuning.
 
 `--data preferred`: Diffusion-DPO's SFT baseline (Wallace et al. 2023, https://arxiv.org/abs/2311.12908; the official
 train.py `--sft`): the plain denoising loss on the winner of every Pick-a-Pic v2 pair, ties dropped.
@@ -27,6 +28,9 @@ Usage:
     python sft.py --scorer reward-model --scorer-path runs/reward_model-XXXX/final --reg kl --lora-rank 4   # DPOK's
     python sft.py --reg pretrain --pretrain-data /data/laion_subset/ --weighting raw                 # Lee et al.'s
     python sft.py --toy                                          # the offline toy world, ~1.5 min on 2 CPU cores
+    python sft.py --data preferred --model stabilityai/stable-diffusion-xl-base-1.0 --vae madebyollin/sdxl-vae-fp16-fix \
+        --gradient-checkpointing --per-device-batch 1    # SDXL (official --sft --sdxl; the family is read from the UNet)
+    python sft.py --toy --toy-model sdxl                         # the toy SDXL pipeline, same data
 """
 
 import contextlib
@@ -35,6 +39,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
@@ -48,10 +53,9 @@ import scipy.stats
 import torch
 import torch.distributed as tdist
 import tyro
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
@@ -59,20 +63,27 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import Adafactor
 
 from common import kernels
-from common.data import Pair, decode_image, flip_decision, load_captioned_images, load_pairs, load_prompts, preprocess
-from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic, check_finite,
-                            cleanup_distributed, load_checkpoint, require, save_checkpoint, save_image_grid,
+from common.data import (Pair, decode_image, flip_decision, flip_seed, load_captioned_images, load_pairs, load_prompts,
+                         micro_batches, preprocess)
+from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
+                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
+from common.models import (all_timesteps, ddim_sampler, is_turbo, load_text_encoders, load_vae, make_pipeline,
+                           model_family, save_final, turbo_timesteps, zero_terminal_snr)
 from common.scorers import load_scorer
-from common.toy import png_bytes, toy_world
+from common.toy import png_bytes, toy_model_in, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
 # Each baseline's recipe, for the fields left at None: images per step, steps, warm-up, learning rate per image.
 RECIPES = {
-    "preferred": dict(batch=2048, steps=2000, warmup_steps=500, learning_rate=1e-9),  # official train.py --sft
+    # batch, steps, warm-up: the official SD1.5 DPO launcher (launchers/sd15.sh; no launcher runs --sft). The lr is
+    # ours: train.py has one default, 1e-8 per image (2.048e-5 after --scale_lr at 2048), shared by DPO and --sft;
+    # we found no SFT value in the official code and could not confirm one in the paper.
+    "preferred": dict(batch=2048, steps=2000, warmup_steps=500, learning_rate=1e-9),
     "generated": dict(batch=128, steps=8000, warmup_steps=0, learning_rate=2e-5 / 128),  # DPOK's SFT: 2e-5 at 128
 }
 
@@ -81,32 +92,43 @@ RECIPES = {
 class Args:
     toy: bool = False
     """run on the offline toy world (common/toy.py) with CPU-sized defaults; flags given as well still win"""
+    toy_model: Literal["sd15", "sdxl"] = "sd15"
+    """--toy: the SD1.5-shaped toy pipeline, or the SDXL-shaped one (built on first use; the same toy data)"""
     output_dir: str | None = None
     """args.json, metrics.jsonl, tb/, checkpoints/, samples/, final/, eval.json (None: runs/sft-<data>-<time>)"""
     seed: int = 0
     """seeds data order, flips, t, ε, posterior draws, prompt dropout, LoRA init and the generated set"""
     resume: bool = False
     """continue exactly from <output-dir>/checkpoints/latest: data order, RNG streams, optimizer, LR schedule"""
+    overwrite: bool = False
+    """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
 
     # The baseline and its data
     data: Literal["preferred", "generated"] = "generated"
     """preferred: SFT on preference winners (Diffusion-DPO); generated: reward-weighted SFT on own samples (Lee/DPOK)"""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local folder of a StableDiffusionPipeline (the old runwayml/... id was deleted)"""
+    """hub id or local folder of an SD1.5 or SDXL pipeline (SDXL if its UNet has addition_embed_type "text_time";
+    sdxl-turbo if the name contains "turbo": t ∈ {249, 499, 749, 999}, as diffusion_dpo.py)"""
+    vae: str | None = None
+    """hub id or folder of a VAE replacing the pipeline's (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix)"""
     dataset: Literal["pickapic", "imagereward"] = "pickapic"
     """--data preferred: Pick-a-Pic v2 (the paper) or ImageRewardDB, whose images win once per pair they win"""
     dataset_source: str | None = None
     """--data preferred: hub id, parquet file or folder in that layout (None: the dataset's hub id, see HUB_SOURCES)"""
     split: str = "train"
     """--data preferred: training split; ties (0.5/0.5) are dropped, as in the official code"""
+    max_broken_fraction: float = 0.01
+    """--data preferred: rows with unusable labels are skipped and counted up to this fraction of the split; above it
+    the run stops, naming the column (common/data.py)"""
     prompts: str = "partiprompts"
     """prompts of the generated set (image i: prompt i mod P) and of the sample grid: common.data.load_prompts"""
     num_images: int = 20000
     """--data generated: images in the generated set (DPOK: 20K)"""
     generated_dir: str = "runs/sft-generated"
     """--data generated: cache root; a set lives in a subfolder named by a hash of what determines it, and is reused"""
-    resolution: int = 512
-    """images are resized (shorter side, bilinear) and centre-cropped to this many pixels; samples are drawn at it"""
+    resolution: int | None = None
+    """images are resized (shorter side, bilinear) and centre-cropped to this; samples are drawn at it (None: 512,
+    SDXL base 1024)"""
     random_flip: bool = True
     """flip each training image horizontally with p=0.5, redrawn every epoch (official default)"""
     prompt_dropout: float = 0.2
@@ -136,17 +158,21 @@ class Args:
     lora_rank: int = 0
     """0: full UNet fine-tune (Diffusion-DPO's SFT); N > 0: LoRA of rank N (DPOK's code: 4); ε_pre = adapters off"""
     steps: int | None = None
-    """optimizer steps (None: 2000 preferred, the official run; 8000 generated, DPOK)"""
+    """optimizer steps (None: 2000 preferred, the official DPO run's; 8000 generated, DPOK)"""
     per_device_batch: int = 8
     """images per GPU per forward pass (with --reg pretrain, as many pre-training images again)"""
     grad_accum: int | None = None
     """micro-batches per step (None: per-device batch × GPUs × grad-accum = 2048 preferred, 128 generated)"""
     learning_rate: float | None = None
-    """per image, × images per step as the official --scale_lr (None: 1e-9 preferred, official; 2e-5/128 generated)"""
+    """per image, × images per step as the official --scale_lr (None: 1e-9 preferred, ours, the official train.py
+    default being 1e-8; 2e-5/128 generated)"""
     warmup_steps: int | None = None
-    """optimizer steps of linear warm-up from 0, then constant (None: 500 preferred, official; 0 generated)"""
+    """optimizer steps of linear warm-up from 0, then constant (None: 500 preferred, the official DPO run's; 0
+    generated)"""
     weight_decay: float = 1e-2
     """AdamW decoupled weight decay; β1 0.9, β2 0.999, ε 1e-8 (official)"""
+    optimizer: Literal["adamw", "adafactor"] | None = None
+    """None: AdamW (SD1.5), Adafactor (SDXL, as the official train.py for --sft --sdxl; settings as diffusion_dpo.py)"""
     max_grad_norm: float = 1.0
     """clip the global gradient norm to this (official)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
@@ -177,12 +203,13 @@ class Args:
     """samples per grid prompt for the final base-vs-trained reward comparison in eval.json (0: skip; toy: 4)"""
 
 
-def toy_defaults() -> Args:
+def toy_defaults(toy_model: str = "sd15") -> Args:
     """--toy: the toy world's model, data and reward, and a recipe that shows the effect in ~1.5 min on 2 CPU cores.
     The generated set is sampled at guidance 2 and the grids at 5 (see generated_guidance_scale and the README section on sft.py)."""
     world = toy_world()
     return Args(
-        toy=True, model=str(world.pipeline), prompts=str(world.prompts), pretrain_data=str(world.pretrain),
+        toy=True, toy_model=toy_model, model=str(world.pipeline if toy_model == "sd15" else toy_sdxl_pipeline()),
+        prompts=str(world.prompts), pretrain_data=str(world.pretrain),
         resolution=world.resolution, scorer="toy", num_images=16 * 24, mixed_precision="no", num_workers=0,
         steps=250, per_device_batch=32, grad_accum=1, learning_rate=2e-4 / 32, warmup_steps=0, log_every=5,
         checkpoint_every=125, sample_every=125, num_validation_prompts=24, sample_steps=20, guidance_scale=5.0,
@@ -193,7 +220,7 @@ def toy_defaults() -> Args:
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro over Args; with --toy the toy defaults replace Args' defaults, so flags given still win."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return tyro.cli(Args, args=argv, default=toy_defaults() if "--toy" in argv else None)
+    return tyro.cli(Args, args=argv, default=toy_defaults(toy_model_in(argv)) if "--toy" in argv else None)
 
 
 # ------------------------------------------------------------------------------------------- the algorithm
@@ -230,23 +257,6 @@ def reward_weights(rewards: Tensor, weighting: str, quantile: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------- data
-def micro_batches(n: int, per_device: int, rank: int, world_size: int, seed: int, start: int):
-    """This rank's [(epoch, index), ...] for every micro-step from `start` on. Epoch e visits the images in the order
-    randperm(n, seed + e), cut into global micro-batches of per_device × world_size (the rest of an epoch is dropped);
-    rank r takes the r-th slice. A function of the step alone, so --resume needs no sampler state and N GPUs see
-    what one process with the same global batch sees."""
-    size = per_device * world_size
-    per_epoch, epoch = n // size, None
-    k = start
-    while True:
-        if k // per_epoch != epoch:
-            epoch = k // per_epoch
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-        first = (k % per_epoch) * size + rank * per_device
-        yield [(epoch, i) for i in order[first:first + per_device]]
-        k += 1
-
-
 class Images(torch.utils.data.Dataset):
     """Pair winners or {caption, image} rows, keyed by (epoch, index) -> {pixels (3, R, R) in [-1, 1], caption, weight,
     skipped}, flipped by that epoch's coin. An image that does not decode is replaced by the next good one (counted
@@ -270,7 +280,7 @@ class Images(torch.utils.data.Dataset):
             except Exception as e:  # any data error skips the image, logged and counted, never fatal
                 logging.warning("image %d: does not decode, skipped (%s: %s)", i, type(e).__name__, e)
                 continue
-            flip = self.random_flip and flip_decision(10_000 * self.seed + epoch, i, "w")  # redrawn every epoch
+            flip = self.random_flip and flip_decision(flip_seed(self.seed, epoch), i, "w")  # redrawn every epoch
             return {"pixels": preprocess(image, self.resolution, flip), "caption": caption, "skipped": skipped,
                     "weight": 1.0 if self.weights is None else float(self.weights[i])}
         raise RuntimeError("no image in the data set decodes")
@@ -301,9 +311,11 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
 
     Image i: prompt i mod P, seed 10^6·(seed + 1) + i (never a grid seed 0, 1, ...), so the set does not depend on
     the number of GPUs; rank r draws images r, r + W, ... into part-<r>.parquet (index, caption, image as PNG,
-    reward); meta.json, written last, marks the set complete. Training re-encodes the images with the VAE, as Lee
-    et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own decoded image (43 %
-    relative distance on the toy model), and the UNet was trained on the encoder's latents.
+    reward); meta.json, written last, marks the set complete. The set is written into a folder of this run's own and
+    renamed into place when complete (atomic), so two runs with the same settings never write into one folder: if
+    another run publishes the same set first, ours is discarded and theirs used. Training re-encodes the images with
+    the VAE, as Lee et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own
+    decoded image (43 % relative distance on the toy model), and the UNet was trained on the encoder's latents.
     """
     key = dict(model=args.model, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest(), seed=args.seed,
                num_images=args.num_images, sample_steps=args.sample_steps, guidance=args.generated_guidance_scale,
@@ -312,8 +324,11 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
     if (folder / "meta.json").exists():
         logging.info("reusing the generated set in %s", folder)
         return folder
+    token = [f"{os.getpid()}-{time.time_ns()}"]  # rank 0's, so every rank writes into the same private folder
+    if dist.world_size > 1:
+        tdist.broadcast_object_list(token, src=0)
+    final, folder = folder, folder.with_name(f"{folder.name}.tmp-{token[0]}")
     if dist.is_main:
-        shutil.rmtree(folder, ignore_errors=True)  # the incomplete set of a run that crashed
         folder.mkdir(parents=True)
     barrier()
     mine = list(range(dist.rank, args.num_images, dist.world_size))
@@ -334,8 +349,17 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
     barrier()
     if dist.is_main:
         (folder / "meta.json").write_text(json.dumps(key, indent=2) + "\n")
+        try:
+            os.rename(folder, final)  # atomic; refused if `final` exists and is not empty
+        except OSError:
+            if not (final / "meta.json").exists():  # an incomplete set left by an older version that crashed
+                shutil.rmtree(final)
+                os.rename(folder, final)
+            else:  # a concurrent run with the same settings published the same set first: use theirs
+                logging.info("the generated set %s was completed by another run meanwhile; using it", final)
+                shutil.rmtree(folder)
     barrier()
-    return folder
+    return final
 
 
 def load_generated(folder: Path) -> tuple[datasets.Dataset, Tensor]:
@@ -363,6 +387,15 @@ def main(args: Args) -> dict:
     if dist.world_size > 1:
         tdist.broadcast_object_list(out, src=0)  # one timestamped folder for all ranks
     out = Path(out[0])
+    check_model_path(args.model, "--model")  # before anything loads: a mistyped path fails in a second
+    family, turbo = model_family(args.model), is_turbo(args.model)  # common/models.py: SD1.5 or SDXL, chosen once
+    timesteps = turbo_timesteps if turbo else all_timesteps
+    sdxl_base = family.name == "sdxl" and not turbo
+    args = dataclasses.replace(args, resolution=args.resolution or (1024 if sdxl_base else 512),
+                               optimizer=args.optimizer or ("adafactor" if family.name == "sdxl" else "adamw"))
+    check_resolution(args.model, args.resolution)
+    require(0 <= args.max_broken_fraction < 1,
+            f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
     require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")
@@ -374,6 +407,7 @@ def main(args: Args) -> dict:
     require(args.reg != "pretrain" or args.pretrain_data is not None, "--reg pretrain needs --pretrain-data")
     require(args.mixed_precision != "fp16" or dist.device.type == "cuda", "--mixed-precision fp16 needs a GPU")
     require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
+    prepare_output_dir(out, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     images_per_step = batch_arithmetic(args.per_device_batch, dist.world_size, args.grad_accum)
     lr = args.learning_rate * images_per_step  # the official --scale_lr
     seed_everything(args.seed, dist.rank)
@@ -382,17 +416,16 @@ def main(args: Args) -> dict:
     device = dist.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     autocast = functools.partial(torch.autocast, device.type, dtype=weight_dtype, enabled=args.mixed_precision != "no")
-    tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").to(device, weight_dtype)
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").to(device, weight_dtype)
-    text_encoder.requires_grad_(False)
-    vae.requires_grad_(False)
+    tokenizers, text_encoders = load_text_encoders(args.model, family, device, weight_dtype)
+    vae = load_vae(args.model, args.vae, device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(args.model, subfolder="scheduler")  # SD1.5: scaled_linear, 1000
-    require(noise_scheduler.config.prediction_type == "epsilon", "the model must predict epsilon, as SD1.5 does")
+    if turbo:  # official: turbo trains on a zero-terminal-SNR schedule (common.models.zero_terminal_snr)
+        noise_scheduler.alphas_cumprod = zero_terminal_snr(noise_scheduler.alphas_cumprod)
+    require(noise_scheduler.config.prediction_type == "epsilon", "the model must predict epsilon, as SD1.5 and SDXL do")
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device)
-    make_pipe = functools.partial(StableDiffusionPipeline, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler=DDIMScheduler.from_config(noise_scheduler.config), safety_checker=None,
-                                  feature_extractor=None, requires_safety_checker=False)
+    make_pipe = functools.partial(make_pipeline, family, args.model, vae=vae, tokenizers=tokenizers,
+                                  text_encoders=text_encoders,
+                                  scheduler=ddim_sampler(noise_scheduler.config))
     scorer = None if args.scorer == "none" else load_scorer(args.scorer, args.scorer_path, clip_path=args.clip_path,
                                                             device=device, dtype=weight_dtype)
     prompts = load_prompts(args.prompts) if args.data == "generated" or args.num_validation_prompts else []
@@ -404,7 +437,8 @@ def main(args: Args) -> dict:
         weights = reward_weights(rewards, args.weighting, args.binary_quantile)
         dataset = Images(rows, args.resolution, args.random_flip, args.seed, weights)
     else:
-        pairs = load_pairs(args.dataset, args.dataset_source, args.split)  # winner first, ties dropped
+        pairs = load_pairs(args.dataset, args.dataset_source, args.split,  # winner first, ties dropped
+                           max_broken=args.max_broken_fraction)
         dataset = Images(pairs, args.resolution, args.random_flip, args.seed)
     pretrain = None
     if args.reg == "pretrain":
@@ -438,20 +472,23 @@ def main(args: Args) -> dict:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
+    if args.optimizer == "adafactor":  # official SDXL: no relative step or parameter scaling, update clipping 1.0
+        optimizer = Adafactor(params, lr=lr, weight_decay=args.weight_decay, clip_threshold=1.0, scale_parameter=False,
+                              relative_step=False)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=args.weight_decay, eps=1e-8)
     lr_scheduler = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=args.warmup_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")  # fp16 needs loss scaling
     gen = torch.Generator().manual_seed(args.seed)  # the loop's only random stream: t, ε, z, prompt dropout
     weights_name = "unet_lora" if args.lora_rank else "unet"
 
-    start = 0
+    start, skipped_total = 0, 0  # images replaced because they did not decode, over the whole run
     if args.resume:
-        start, saved, extra = load_checkpoint(out)
+        start, saved, extra = load_checkpoint(out, script="sft.py")
         require(len(extra["rng"]) == dist.world_size, f"the checkpoint was written by {len(extra['rng'])} "
                 f"processes; resume with as many (this run has {dist.world_size})")
-        changed = [k for k in ("data", "model", "lora_rank", "per_device_batch", "grad_accum", "seed", "reg")
-                   if extra["args"][k] != getattr(args, k)]
-        require(not changed, f"--resume: {', '.join(changed)} differ from the checkpoint's run")
+        check_resume_args(extra["args"], args)
+        skipped_total = extra.get("skipped_images_total", 0)
         if args.lora_rank:
             set_peft_model_state_dict(unet, saved[weights_name])
         else:
@@ -480,7 +517,8 @@ def main(args: Args) -> dict:
     def noisy(batch):
         """x_t, t, ε and the caption embeddings of a micro-batch. The randomness is drawn for the GLOBAL micro-batch
         from the generator every rank shares, and each rank keeps its rows: N GPUs train exactly as one process."""
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (micro,), generator=gen)[own].to(device)
+        t = timesteps(torch.randint(0, noise_scheduler.config.num_train_timesteps, (micro,), generator=gen))
+        t = t[own].to(device)
         pixels = batch["pixels"].to(device, weight_dtype)  # (B, 3, R, R)
         with torch.no_grad():
             posterior = vae.encode(pixels).latent_dist
@@ -490,11 +528,10 @@ def main(args: Args) -> dict:
         drop = (torch.rand(micro, generator=gen) < args.prompt_dropout)[own]
         x_0 = ((posterior.mean + posterior.std * z) * vae.config.scaling_factor).float()  # latent_dist.sample()
         x_t = noise_scheduler.add_noise(x_0, noise, t)  # √ᾱ_t·x_0 + √(1−ᾱ_t)·ε
-        ids = tokenizer(["" if d else c for c, d in zip(batch["caption"], drop.tolist())], padding="max_length",
-                        max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        with torch.no_grad():
-            emb = text_encoder(ids.to(device))[0]  # (B, 77, D)
-        return x_t, t, noise, emb
+        with torch.no_grad():  # the family's text encoding (common/models.py), dropped captions as ""
+            text = family.encode_text(["" if d else c for c, d in zip(batch["caption"], drop.tolist())], tokenizers,
+                                      text_encoders)
+        return x_t, t, noise, text
 
     def sample_grid(step: int) -> None:  # rank 0 only: fixed-seed samples of the current UNet, scored
         unet.eval()
@@ -523,20 +560,22 @@ def main(args: Args) -> dict:
         totals = torch.zeros(5, device=device)  # means of loss, weighted mse, mse, reg; the count of skipped images
         for micro_step in range(args.grad_accum):
             batch = next(batches)
-            x_t, t, noise, emb = noisy(batch)
+            x_t, t, noise, text = noisy(batch)
             if pretrain_batches is not None:  # the pre-training images ride in the same UNet call
                 pre = next(pretrain_batches)
-                x_t2, t2, noise2, emb2 = noisy(pre)
-                x_t, t, emb = torch.cat([x_t, x_t2]), torch.cat([t, t2]), torch.cat([emb, emb2])
+                x_t2, t2, noise2, text2 = noisy(pre)
+                x_t, t = torch.cat([x_t, x_t2]), torch.cat([t, t2])
+                text = torch.cat([text, text2]) if torch.is_tensor(text) else tuple(map(torch.cat, zip(text, text2)))
+            inputs = family.unet_inputs(text, args.resolution)  # encoder_hidden_states (B, 77, D) [, SDXL's added]
             n = len(noise)
             ref_pred = None
             if args.reg == "kl":
                 with torch.no_grad(), autocast(), reference_unet(unet, ref_unet) as pre_unet:
-                    ref_pred = pre_unet(x_t, t, emb).sample  # ε_pre (B, 4, h, w)
+                    ref_pred = pre_unet(x_t, t, **inputs).sample  # ε_pre (B, 4, h, w)
             last = micro_step == args.grad_accum - 1
             with model.no_sync() if dist.world_size > 1 and not last else contextlib.nullcontext():
                 with autocast():
-                    pred = model(x_t, t, emb).sample  # (B [+ B], 4, h, w)
+                    pred = model(x_t, t, **inputs).sample  # (B [+ B], 4, h, w)
                 model_pred = pred[:n]
                 reg_pred, reg_target = None, None  # --reg none
                 if args.reg == "pretrain":
@@ -559,10 +598,12 @@ def main(args: Args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         progress.update(1)
         images_since += images_per_step
+        skipped_total += round(stats[4].item() * dist.world_size)  # every step, not only logged ones
 
         if step % args.log_every == 0 or step == 1:
             row = dict(zip(["losses/loss", "losses/weighted_mse", "losses/mse", "losses/reg"], stats[:4].tolist()))
-            row.update({"charts/skipped_images": stats[4].item() * dist.world_size, "charts/learning_rate": lr_now,
+            row.update({"charts/skipped_images": stats[4].item() * dist.world_size,
+                        "charts/skipped_images_total": skipped_total, "charts/learning_rate": lr_now,
                         "charts/grad_norm": grad_norm.item(), "charts/images_seen": step * images_per_step,
                         "charts/epoch": step * images_per_step / len(dataset),
                         "charts/images_per_second": images_since / (time.time() - clock)})
@@ -571,9 +612,10 @@ def main(args: Args) -> dict:
             clock, images_since = time.time(), 0
         if step % args.checkpoint_every == 0:
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
-            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], extra={
+            save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="sft.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "args": args, "base_model": args.model})
+                "scaler": scaler.state_dict(), "args": args, "base_model": args.model,
+                "skipped_images_total": skipped_total})
         if dist.is_main and grid_prompts and (step % args.sample_every == 0 or step == args.steps):
             sample_grid(step)
         barrier()
@@ -582,16 +624,7 @@ def main(args: Args) -> dict:
     # ---- final weights in diffusers' format, then the base-vs-trained reward comparison (rank 0)
     summary = {}
     if dist.is_main:
-        if args.lora_rank:
-            StableDiffusionPipeline.save_lora_weights(
-                out / "final" / "lora",
-                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}"); ' \
-                   f'pipe.load_lora_weights("{out / "final" / "lora"}")'
-        else:
-            unet.save_pretrained(out / "final" / "unet")
-            load = f'pipe = StableDiffusionPipeline.from_pretrained("{args.model}", ' \
-                   f'unet=UNet2DConditionModel.from_pretrained("{out / "final" / "unet"}"))'
+        load = save_final(family, unet, args.lora_rank > 0, args.model, out)  # final/unet or final/lora
         if args.reward_seeds and scorer is not None and grid_prompts:
             unet.eval()
             if not args.lora_rank and ref_unet is None:  # loaded only now, so that it took no memory while training
@@ -617,6 +650,7 @@ def main(args: Args) -> dict:
                 summary["warning"] = (f"the trained model's {args.scorer} reward is BELOW the base model's "
                                       f"({summary['eval/reward_final']:.4g} < {summary['eval/reward_base']:.4g})")
                 print(f"WARNING: {summary['warning']}", file=sys.stderr)
+        summary["skipped_images_total"] = skipped_total
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"load the result with:\n    {load}")
     logger.close()

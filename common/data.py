@@ -22,10 +22,21 @@ Every preference set comes out as a sequence of `Pair(caption, image_w, image_l)
 Images stay encoded until `PairDataset.__getitem__` (Pick-a-Pic v2 is ~1M pairs of JPEGs): `datasets` converts the
 parquet once to an Arrow cache under HF_DATASETS_CACHE and memory-maps it.
 
-Bad data is skipped and counted, never fatal and never silent: empty captions (and Pick-a-Pic ties) are dropped at
-load time with a log line; an image that does not decode makes `PairDataset.__getitem__` log a warning and return None,
-and `collate_skip_none` drops it and reports `batch["num_skipped"]` for the script to sum and log. Tie counts are
-logged at INFO: call `logging.basicConfig(level=logging.INFO)` in a script to see them.
+Bad data is skipped and counted, never guessed at and never silent. Every loader logs ONE summary line per split:
+    pickapic train (data/pickapic): 2000 rows read, 1890 kept, 105 ties dropped, 5 broken skipped (3 null label_0, ...)
+(INFO when nothing is broken, WARNING otherwise; a script calls `logging.basicConfig(level=logging.INFO)`).
+- Labels and ranks are validated, not coerced: a Pick-a-Pic pair must be labelled (1, 0), (0, 1) or (0.5, 0.5); an
+  ImageRewardDB rank must be a whole number >= 1 (numbers written as text, "2", are read; "#1" is not a number); a
+  binary label 0 or 1. A null, NaN, non-numeric or out-of-range value makes its row broken: never a winner by default.
+  A few broken rows are skipped and counted; more than `max_broken` (a fraction of the split's rows; the scripts'
+  --max-broken-fraction, default 1 %) stops the run with an error naming the file, the column and the first rows,
+  because a label column that is mostly unusable means the layout was misread, not that a few rows are damaged.
+- Empty captions / prompts are skipped and counted in the same line, whatever their number.
+- An image that does not decode makes `PairDataset.__getitem__` log a warning and return None, and
+  `collate_skip_none` drops it and reports `batch["num_skipped"]` for the script to sum and log.
+- A 0-byte or unreadable parquet file and a split with 0 rows are errors naming the file.
+- A single parquet file as a source is ONE split: `has_heldout_split` is False for it, and the scripts then skip
+  their held-out evaluation (saying so) rather than evaluate on the training rows under a held-out name.
 """
 
 import functools
@@ -46,12 +57,17 @@ from typing import Literal, Union
 import datasets
 import huggingface_hub
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
 log = logging.getLogger(__name__)
+
+# The default of every loader's `max_broken`: above 1 % of a split's rows with unusable labels, stop (see above).
+MAX_BROKEN_FRACTION = 0.01
 
 # An image as stored: encoded bytes, a `datasets` Image dict {'bytes', 'path'}, or a loader returning either.
 ImageRef = Union[bytes, dict, Callable[[], Union[bytes, dict]]]
@@ -86,6 +102,22 @@ def _parquet_files(source: str, split: str | None) -> list[Path]:
     raise FileNotFoundError(f"{source}: no parquet files for split '{split}' (looked for {', '.join(patterns)})")
 
 
+def has_heldout_split(source: str) -> bool:
+    """False for a single parquet file: it holds one split, and asking it for a held-out split returns its own rows
+    (a held-out accuracy on them would be a training accuracy). A folder or hub id has named splits."""
+    return not Path(source).is_file()
+
+
+def _schema(file: Path) -> list[str]:
+    """The column names of a parquet file, read from its footer; a 0-byte or damaged file is named in the error."""
+    if file.stat().st_size == 0:
+        raise ValueError(f"{file}: empty file (0 bytes), not a parquet file")
+    try:
+        return pq.read_schema(file).names
+    except Exception as e:
+        raise ValueError(f"{file}: not a readable parquet file ({type(e).__name__}: {e})") from e
+
+
 def _open(source: str, split: str | None, required: list[str], layout: str) -> datasets.Dataset:
     """A hub id, a parquet file or a folder as a memory-mapped Dataset of the `required` columns, images encoded."""
     if _is_hub_id(source):
@@ -101,10 +133,15 @@ def _open(source: str, split: str | None, required: list[str], layout: str) -> d
     else:
         files = _parquet_files(source, split)
         for file in files:  # read only the schema, so a wrong file fails in milliseconds and names itself
-            names = pq.read_schema(file).names
+            names = _schema(file)
             if missing := [c for c in required if c not in names]:
                 raise ValueError(f"{file}: missing column(s) {', '.join(missing)}; it has {names}")
+        files = [f for f in files if pq.read_metadata(f).num_rows > 0]  # `datasets` cannot read a 0-row file
+        if not files:
+            raise ValueError(f"{', '.join(map(str, _parquet_files(source, split)))}: 0 rows for split {split!r}")
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    if len(ds) == 0:
+        raise ValueError(f"{source}: 0 rows for split {split!r}")
     ds = ds.select_columns(required)
     for column in required:  # keep images encoded: a column typed `Image` would decode to PIL on every access
         if isinstance(ds.features[column], datasets.Image):
@@ -114,6 +151,55 @@ def _open(source: str, split: str | None, required: list[str], layout: str) -> d
 
 def _nonempty(texts: list) -> np.ndarray:
     return np.array([isinstance(t, str) and t.strip() != "" for t in texts], dtype=bool)
+
+
+# ---------------------------------------------------------------- validating labels and ranks, and the summary line
+
+
+def _numbers(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A label or rank column as (values float64, null, non_numeric). Null and NaN count as null; text that parses as
+    a number ("1", "0.5") is read as that number, any other text ("#1", "yes") is non-numeric. Never a guess: the
+    caller decides what the unusable rows are (broken), `values` holds NaN there."""
+    null = pc.is_null(column).to_numpy(zero_copy_only=False)
+    if pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type):
+        values = np.asarray(column.cast(pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)  # null: NaN
+        non_numeric = np.zeros(len(values), dtype=bool)
+    else:  # text (a CSV turned parquet) or an all-null column
+        values, non_numeric = np.full(len(column), np.nan), ~null
+        for i, v in enumerate(column.to_pylist()):
+            try:
+                values[i], non_numeric[i] = float(v), False
+            except (TypeError, ValueError):
+                pass
+    return values, (null | np.isnan(values)) & ~non_numeric, non_numeric
+
+
+def _broken_rows(problems: dict[str, np.ndarray], max_broken: float, where: str) -> tuple[np.ndarray, dict[str, int]]:
+    """Rows with a label problem (reason -> row mask, in priority order: a row counts under its first reason) and the
+    count per reason. More than `max_broken` of the rows broken stops here, naming the reasons and the first rows."""
+    n = len(next(iter(problems.values())))
+    broken, counts = np.zeros(n, dtype=bool), {}
+    for reason, mask in problems.items():
+        counts[reason] = int((mask & ~broken).sum())
+        broken |= mask
+    if broken.sum() > max_broken * n:
+        reasons = ", ".join(f"{c} {r}" for r, c in counts.items() if c)
+        first = np.flatnonzero(broken)[:5].tolist()
+        raise ValueError(
+            f"{where}: {int(broken.sum())} of {n} rows have unusable labels ({reasons}); first rows {first}. More "
+            f"than --max-broken-fraction {max_broken:g} of the rows: the column is probably misread (wrong layout or "
+            f"type), not a few damaged rows. Fix the data, or raise --max-broken-fraction to skip them.")
+    return broken, counts
+
+
+def _summary(what: str, read: int, kept: int, ties: int | None, skipped: dict[str, int], note: str = "") -> None:
+    """The loader's one start-up line: rows read, kept, ties dropped, broken skipped (with reasons). WARNING when
+    anything was skipped, so a silent change of the data shows in every run's log."""
+    n_skipped = sum(skipped.values())
+    reasons = ", ".join(f"{c} {r}" for r, c in skipped.items() if c)
+    line = f"{what}: {read} rows read, {kept} kept" + (f", {ties} ties dropped" if ties is not None else "")
+    line += f", {n_skipped} broken skipped" + (f" ({reasons})" if reasons else "") + note
+    (log.warning if n_skipped else log.info)(line)
 
 
 # ---------------------------------------------------------------- preference pairs
@@ -137,25 +223,33 @@ class PickapicPairs(Sequence):
 
 
 def load_pickapic(
-    source: str, split: str = "train", keep_ties: bool = False, max_pairs: int | None = None
+    source: str, split: str = "train", keep_ties: bool = False, max_pairs: int | None = None,
+    max_broken: float = MAX_BROKEN_FRACTION,
 ) -> PickapicPairs:
-    """Pick-a-Pic pairs, winner first; ties (0.5/0.5) dropped unless keep_ties, empty captions always dropped."""
+    """Pick-a-Pic pairs, winner first; ties (0.5/0.5) dropped unless keep_ties. Rows whose labels are not (1, 0),
+    (0, 1) or (0.5, 0.5), and rows with an empty caption, are skipped and counted (see the module docstring)."""
     layout = "columns caption, jpg_0, jpg_1 (image bytes), label_0, label_1; <split>/*.parquet or <split>-*.parquet"
     layout += " (the original yuvalkirstain/pickapic_v2 has answered 404 since 2025: point to a copy)"
     ds = _open(source, split, ["caption", "jpg_0", "jpg_1", "label_0", "label_1"], layout)
-    label_0 = np.asarray(ds.data.column("label_0").to_numpy(), dtype=np.float64)
-    label_1 = np.asarray(ds.data.column("label_1").to_numpy(), dtype=np.float64)
-    tie = label_0 == label_1
+    label_0, null_0, text_0 = _numbers(ds.data.column("label_0"))
+    label_1, null_1, text_1 = _numbers(ds.data.column("label_1"))
+    valid = (((label_0 == 1) & (label_1 == 0)) | ((label_0 == 0) & (label_1 == 1))
+             | ((label_0 == 0.5) & (label_1 == 0.5)))
+    broken, skipped = _broken_rows({
+        "null label_0": null_0, "null label_1": null_1, "non-numeric label_0": text_0, "non-numeric label_1": text_1,
+        "label pair not (1, 0), (0, 1) or (0.5, 0.5)": ~valid,
+    }, max_broken, f"{source} (split {split}), label_0/label_1")
+    tie = valid & (label_0 == 0.5)
     has_caption = _nonempty(ds.data.column("caption").to_pylist())
+    skipped["empty caption"] = int((~has_caption & ~broken).sum())
+    usable = ~broken & has_caption
     # The official Diffusion-DPO code keeps only label_0 in (0, 1) and swaps when label_0 == 0, printing
     # "Eliminated {n}/{N} split decisions for Pick-a-pic".
-    keep = has_caption & (keep_ties | ~tie)
+    keep = usable & (keep_ties | ~tie)
     rows = np.flatnonzero(keep)[:max_pairs]
-    n, n_ties, n_empty = len(ds), int((tie & has_caption).sum()), int((~has_caption).sum())
-    if not keep_ties:
-        log.info("pickapic %s: dropped %d ties of %d pairs (keep_ties=False, as the official code)", split, n_ties, n)
-    if n_empty:
-        log.warning("pickapic %s: skipped %d of %d pairs: %d empty captions", split, n_empty, n, n_empty)
+    n_ties = None if keep_ties else int((tie & usable).sum())
+    note = f"; the first {len(rows)} used (max_pairs)" if len(rows) < keep.sum() else ""
+    _summary(f"pickapic {split} ({source})", len(ds), int(keep.sum()), n_ties, skipped, note)
     return PickapicPairs(ds.select_columns(["caption", "jpg_0", "jpg_1"]), rows, (label_0 < label_1)[rows], tie[rows])
 
 
@@ -179,8 +273,17 @@ def _dataset_cell(ds: datasets.Dataset, column: str, row: int) -> bytes | dict:
     return ds[row][column]
 
 
-def load_imagereward(source: str, split: str) -> list[dict]:
-    """ImageRewardDB rows, one per image: {prompt_id, prompt, rank, image}; `image` is a loader (an ImageRef)."""
+def load_imagereward(source: str, split: str, max_broken: float = MAX_BROKEN_FRACTION) -> list[dict]:
+    """ImageRewardDB rows, one per image: {prompt_id, prompt, rank, image}; `image` is a loader (an ImageRef).
+    A row whose rank is null, non-numeric, or not a whole number >= 1, or whose prompt is empty, is skipped and
+    counted (see the module docstring); `rank` comes out as an int."""
+    rows, read, skipped = _imagereward_rows(source, split, max_broken)
+    _summary(f"imagereward {split} ({source})", read, len(rows), None, skipped)
+    return rows
+
+
+def _imagereward_rows(source: str, split: str, max_broken: float) -> tuple[list[dict], int, dict[str, int]]:
+    """load_imagereward's rows, the number read and the skipped counts by reason, without the summary line."""
     path = Path(source)
     if _is_hub_id(source):
         patterns = [f"metadata-{split}.parquet", f"images/{split}/*"]
@@ -194,21 +297,27 @@ def load_imagereward(source: str, split: str) -> list[dict]:
     meta = path if path.is_file() else path / f"metadata-{split}.parquet"
     if not meta.is_file():
         raise FileNotFoundError(f"{meta} not found: an ImageRewardDB folder holds metadata-{split}.parquet")
-    image_column = "image" if "image" in pq.read_schema(meta).names else "image_path"
+    image_column = "image" if "image" in _schema(meta) else "image_path"
     ds = _open(str(meta), None, ["prompt_id", "prompt", "rank", image_column], layout="")
     if image_column == "image":  # images inside the parquet: read a row's cell when asked
         loaders = [functools.partial(_dataset_cell, ds.select_columns(["image"]), "image", i) for i in range(len(ds))]
     else:
         loaders = [functools.partial(read_imagereward_image, str(meta.parent), p) for p in ds["image_path"]]
-    table = ds.select_columns(["prompt_id", "prompt", "rank"]).to_dict()
-    keep = _nonempty(table["prompt"])
-    if not keep.all():
-        log.warning("imagereward %s: skipped %d of %d images: empty prompts", split, (~keep).sum(), len(ds))
-    return [
-        dict(prompt_id=pid, prompt=prompt, rank=rank, image=loader)
-        for pid, prompt, rank, loader, ok in zip(table["prompt_id"], table["prompt"], table["rank"], loaders, keep)
+    rank, null, text = _numbers(ds.data.column("rank"))
+    whole = ~np.isnan(rank) & (rank >= 1) & (np.mod(rank, 1) == 0)  # ImageRewardDB ranks are 1 (best), 2, ...
+    broken, skipped = _broken_rows(
+        {"null rank": null, "non-numeric rank": text, "rank not a whole number >= 1": ~whole},
+        max_broken, f"{meta}, column rank")
+    table = ds.select_columns(["prompt_id", "prompt"]).to_dict()
+    has_prompt = _nonempty(table["prompt"])
+    skipped["empty prompt"] = int((~has_prompt & ~broken).sum())
+    keep = ~broken & has_prompt
+    rows = [
+        dict(prompt_id=pid, prompt=prompt, rank=int(r), image=loader)
+        for pid, prompt, r, loader, ok in zip(table["prompt_id"], table["prompt"], rank, loaders, keep)
         if ok
     ]
+    return rows, len(ds), skipped
 
 
 def imagereward_pairs(rows: list[dict], keep_ties: bool = False) -> list[Pair]:
@@ -216,17 +325,14 @@ def imagereward_pairs(rows: list[dict], keep_ties: bool = False) -> list[Pair]:
     by_prompt = defaultdict(list)  # insertion-ordered, so the pair order is deterministic
     for row in rows:
         by_prompt[row["prompt_id"]].append(row)
-    pairs, n_ties = [], 0
+    pairs = []
     for group in by_prompt.values():
         for a, b in itertools.combinations(group, 2):
             tie = a["rank"] == b["rank"]
-            n_ties += tie
             if tie and not keep_ties:
                 continue
             w, l = (a, b) if a["rank"] <= b["rank"] else (b, a)
             pairs.append(Pair(a["prompt"], w["image"], l["image"], tie=tie))
-    if not keep_ties:
-        log.info("imagereward: skipped %d tied pairs, kept %d", n_ties, len(pairs))
     return pairs
 
 
@@ -236,12 +342,20 @@ def load_pairs(
     split: str,
     keep_ties: bool = False,
     max_pairs: int | None = None,
+    max_broken: float = MAX_BROKEN_FRACTION,
 ) -> Sequence[Pair]:
-    """Winner-first preference pairs from either dataset, so a script picks its data with one flag."""
+    """Winner-first preference pairs from either dataset, so a script picks its data with one flag. One summary line
+    per call; for ImageRewardDB it counts images (rows) and then the pairs made of them."""
     if dataset == "pickapic":
-        return load_pickapic(source, split, keep_ties=keep_ties, max_pairs=max_pairs)
+        return load_pickapic(source, split, keep_ties=keep_ties, max_pairs=max_pairs, max_broken=max_broken)
     if dataset == "imagereward":
-        return imagereward_pairs(load_imagereward(source, split), keep_ties=keep_ties)[:max_pairs]
+        rows, read, skipped = _imagereward_rows(source, split, max_broken)
+        every = imagereward_pairs(rows, keep_ties=True)
+        pairs = [p for p in every if keep_ties or not p.tie]
+        note = f" -> {len(pairs)} pairs" + ("" if keep_ties else f", {len(every) - len(pairs)} tied pairs dropped")
+        note += f"; the first {max_pairs} used (max_pairs)" if max_pairs is not None and max_pairs < len(pairs) else ""
+        _summary(f"imagereward {split} ({source}) images", read, len(rows), None, skipped, note)
+        return pairs[:max_pairs]
     raise ValueError(f"unknown preference dataset {dataset!r}; expected 'pickapic' or 'imagereward'")
 
 
@@ -346,10 +460,23 @@ def load_captioned_images(source: str) -> datasets.Dataset:
     return _drop_empty(ds, "caption", source)
 
 
-def load_binary(source: str, split: str) -> datasets.Dataset:
-    """Rows {prompt, image (bytes), label (1 good, 0 bad)} of `split`, e.g. `<source>/<split>.parquet`."""
+def load_binary(source: str, split: str, max_broken: float = MAX_BROKEN_FRACTION) -> datasets.Dataset:
+    """Rows {prompt, image (bytes), label (1 good, 0 bad)} of `split`, e.g. `<source>/<split>.parquet`. A row whose
+    label is null, non-numeric or not 0/1, or whose prompt is empty, is skipped and counted (module docstring)."""
     ds = _open(source, split, ["prompt", "image", "label"], layout="columns prompt, image (bytes), label (1/0)")
-    return _drop_empty(ds, "prompt", f"{source} {split}")
+    label, null, text = _numbers(ds.data.column("label"))
+    broken, skipped = _broken_rows({"null label": null, "non-numeric label": text,
+                                    "label not 0 or 1": (label != 0) & (label != 1)},
+                                   max_broken, f"{source} (split {split}), column label")
+    has_prompt = _nonempty(ds.data.column("prompt").to_pylist())
+    skipped["empty prompt"] = int((~has_prompt & ~broken).sum())
+    keep = np.flatnonzero(~broken & has_prompt)
+    _summary(f"binary {split} ({source})", len(ds), len(keep), None, skipped)
+    if len(keep) < len(ds):
+        ds = ds.select(keep)
+    if ds.features["label"].dtype in ("string", "large_string", "null"):  # labels written as text: "1" -> 1
+        ds = ds.remove_columns(["label"]).add_column("label", label[keep].astype(np.int64).tolist())
+    return ds
 
 
 HPSV2_STYLES = ["anime", "concept-art", "paintings", "photo"]  # the HPSv2 benchmark: 800 prompts each
@@ -376,7 +503,7 @@ def load_prompts(source: str) -> list[str]:
             raise FileNotFoundError(f"{source}: not an HPSv2 prompt folder, missing {', '.join(missing)}")
         prompts = [p for s in HPSV2_STYLES for p in json.loads((path / f"{s}.json").read_text())]
     elif path.suffix == ".parquet" and path.is_file():
-        names = pq.read_schema(path).names
+        names = _schema(path)
         column = "caption" if "caption" in names else "prompt"
         if column not in names:
             raise ValueError(f"{path}: missing column caption or prompt; it has {names}")
@@ -395,3 +522,186 @@ def load_prompts(source: str) -> list[str]:
             f"reliable hub copy) pass a folder of {', '.join(f'{s}.json' for s in HPSV2_STYLES)}, each a JSON list."
         )
     return [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+
+
+# ---------------------------------------------------------------- the training order, per-epoch flips, latent cache
+# Shared by diffusion_dpo.py and sft.py. The order is a function of the micro-step alone, so --resume needs no sampler
+# state and N GPUs see exactly what one process with the same global batch sees.
+
+
+def flip_seed(seed: int, epoch: int) -> int:
+    """The flip_decision seed of an epoch: flips are redrawn every epoch, as the official RandomHorizontalFlip is."""
+    return 10_000 * seed + epoch
+
+
+def micro_batches(n: int, per_device: int, rank: int, world_size: int, seed: int, start: int):
+    """This rank's [(epoch, index), ...] for every micro-step from `start` on. Epoch e visits the n items in the order
+    randperm(n, seed + e), cut into global micro-batches of per_device × world_size (the rest of an epoch is dropped);
+    rank r takes the r-th slice."""
+    size = per_device * world_size
+    per_epoch, epoch = n // size, None
+    for k in itertools.count(start):
+        if k // per_epoch != epoch:
+            epoch = k // per_epoch
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        first = (k % per_epoch) * size + rank * per_device
+        yield [(epoch, i) for i in order[first:first + per_device]]
+
+
+class EpochPairs(torch.utils.data.Dataset):
+    """PairDataset items keyed by (epoch, index), with that epoch's flips. A pair whose image does not decode is
+    replaced by the next good one, so every rank's micro-batch stays full (an empty one would hang DDP)."""
+
+    def __init__(self, pairs: Sequence[Pair], resolution: int, random_flip: bool, seed: int):
+        self.pairs, self.resolution, self.random_flip, self.seed = pairs, resolution, random_flip, seed
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        epoch, index = key
+        data = PairDataset(self.pairs, self.resolution, self.random_flip, flip_seed(self.seed, epoch))
+        for skipped in range(len(self.pairs)):
+            if (item := data[(index + skipped) % len(self.pairs)]) is not None:
+                return {**item, "skipped": skipped}
+        raise RuntimeError("no pair in the data set decodes")
+
+
+def collate_pairs(items: list[dict]) -> dict:
+    """collate_skip_none for EpochPairs items; num_skipped counts the broken pairs replaced by the next good one."""
+    batch = collate_skip_none(items)
+    batch["num_skipped"] = sum(item["skipped"] for item in items)
+    return batch
+
+
+def build_latent_cache(pairs: Sequence[Pair], vae, resolution: int, random_flip: bool, key: list, root: Path, dist,
+                       per_device_batch: int, num_workers: int) -> torch.Tensor:
+    """VAE posterior parameters (mean, log-variance) of every pair's two images, as is and flipped, encoded once:
+    (N, 2 [winner, loser], F [as is, flipped], 2C, h, w) in a file-backed tensor, NaN rows for pairs that do not
+    decode. We keep the distribution, not a latent, because the official code draws latent_dist.sample() afresh at
+    every visit; both flips because the flip is redrawn every epoch. Pick-a-Pic v2 at 512 px in fp16:
+    851k × 2 × 2 × 8 × 64 × 64 × 2 B ≈ 220 GB (at 1024 px, SDXL: 4x that), so point the cache at a big local disk.
+    Each rank encodes every world_size-th pair into the shared file; a later run with the same `key` (a JSON-able
+    list of what determines the latents) reuses it. `dist` is common.runtime.Dist."""
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from common.runtime import barrier
+
+    flips = 2 if random_flip else 1
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    shape = (len(pairs), 2, flips, 2 * vae.config.latent_channels, side, side)
+    key = json.dumps([*key, resolution, flips, str(vae.dtype)])
+    path = Path(root) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.bin"
+    if not path.with_suffix(".json").exists():
+        if dist.is_main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:
+                f.truncate(int(np.prod(shape)) * vae.dtype.itemsize)
+        barrier()
+        cache = torch.from_file(str(path), shared=True, size=int(np.prod(shape)), dtype=vae.dtype).view(shape)
+        mine = list(range(dist.rank, len(pairs), dist.world_size))
+        chunks = [mine[k:k + per_device_batch] for k in range(0, len(mine), per_device_batch)]
+        loader = DataLoader(PairDataset(pairs, resolution, random_flip=False, seed=0), batch_sampler=chunks,
+                            collate_fn=collate_skip_none, num_workers=num_workers)
+        for wanted, batch in zip(chunks, tqdm(loader, desc="caching latents", disable=not dist.is_main)):
+            cache[wanted] = float("nan")  # overwritten below for every pair that decodes
+            if batch is None:
+                continue
+            x = torch.stack([batch["pixel_w"], batch["pixel_l"]], 1)  # (b, 2, 3, R, R)
+            x = torch.stack([x, x.flip(-1)][:flips], 2)  # (b, 2, F, 3, R, R); flipping pixels = flipping the image
+            with torch.no_grad():
+                moments = vae.encode(x.flatten(0, 2).to(vae.device, vae.dtype)).latent_dist.parameters
+            cache[batch["index"]] = moments.view(*x.shape[:3], *moments.shape[1:]).cpu()
+        barrier()
+        if dist.is_main:
+            path.with_suffix(".json").write_text(key)  # marks the cache complete
+    return torch.from_file(str(path), shared=False, size=int(np.prod(shape)), dtype=vae.dtype).view(shape)
+
+
+def cached_batch(cache: torch.Tensor, valid: torch.Tensor, pairs: Sequence[Pair], keys: list, random_flip: bool,
+                 seed: int):
+    """What a training micro-step needs from the latent cache: moments (2B, 2C, h, w) winners first, captions, and
+    how many broken pairs were replaced by the next good one (the same rule as EpochPairs)."""
+    index, flip_w, flip_l, skipped = [], [], [], 0
+    for epoch, i in keys:
+        while not valid[i]:
+            i, skipped = (i + 1) % len(valid), skipped + 1
+        index.append(i)
+        flip_w.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "w")))
+        flip_l.append(int(random_flip and flip_decision(flip_seed(seed, epoch), i, "l")))
+    moments = torch.cat([cache[index, 0, flip_w], cache[index, 1, flip_l]])  # (2B, 2C, h, w)
+    return moments, [pairs[i].caption for i in index], skipped
+
+
+# ---------------------------------------------------------------- AI feedback: pairs relabelled by a scorer
+
+
+class RelabelledPairs(Sequence):
+    """`pairs` with the winner chosen by a scorer: pair k is pairs[index[k]], its images swapped where swap[k]."""
+
+    def __init__(self, pairs: Sequence[Pair], index: np.ndarray, swap: np.ndarray):
+        self.pairs, self.index, self.swap = pairs, index, swap
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> Pair:
+        if not 0 <= k < len(self.index):
+            raise IndexError(k)
+        pair = self.pairs[int(self.index[k])]
+        return Pair(pair.caption, pair.image_l, pair.image_w) if self.swap[k] else pair
+
+
+def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist, batch_size: int = 32,
+                device: str | torch.device = "cpu") -> torch.Tensor:
+    """The scorer's s(x, c) of both images of every pair, (N, 2) float32 [human winner, human loser], computed once
+    into `path` (safetensors) and read back by later runs. Under torchrun each rank scores every world_size-th pair
+    into its own shard file; every rank then reads all shards. NaN for a pair whose images do not decode. Images are
+    the training crop (shorter side resized to `resolution`, centre crop, no flip) in [0, 1]."""
+    from safetensors.torch import load_file, save_file
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from common.runtime import barrier
+
+    path = Path(path)
+    shard = path.with_name(f"{path.stem}.rank{dist.rank}of{dist.world_size}.safetensors")
+    if not path.exists():
+        mine = list(range(dist.rank, len(pairs), dist.world_size))
+        chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
+        scores = torch.full((len(mine), 2), float("nan"))
+        loader = DataLoader(PairDataset(pairs, resolution, random_flip=False, seed=0), batch_sampler=chunks,
+                            collate_fn=collate_skip_none)
+        for batch in tqdm(filter(None, loader), total=len(chunks), desc="relabelling", disable=not dist.is_main):
+            images = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device) * 0.5 + 0.5  # (2b, 3, R, R) in [0, 1]
+            with torch.no_grad():
+                s = scorer(images, batch["caption"] * 2).float().cpu().view(2, -1).T  # (b, 2)
+            scores[batch["index"] // dist.world_size] = s  # pair i is this rank's (i - rank) / world_size-th
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"scores": scores.contiguous()}, str(shard))
+        barrier()
+        if dist.is_main:
+            full = torch.full((len(pairs), 2), float("nan"))
+            for r in range(dist.world_size):
+                full[r::dist.world_size] = load_file(str(path.with_name(
+                    f"{path.stem}.rank{r}of{dist.world_size}.safetensors")))["scores"]
+            save_file({"scores": full}, str(path.with_suffix(".tmp")))
+            os.replace(path.with_suffix(".tmp"), path)  # complete or absent
+        barrier()
+    return load_file(str(path))["scores"]
+
+
+def relabel_pairs(pairs: Sequence[Pair], scores: torch.Tensor) -> tuple[RelabelledPairs, dict]:
+    """AI feedback (Diffusion-DPO paper Sec. 5.4; official --choice_model): the image the scorer rates higher wins.
+    scores (N, 2) [human winner, human loser] from score_pairs. Ties in the scorer's view (equal scores) and pairs
+    that did not decode (NaN) are dropped, as human ties are. Returns the pairs and counts: flipped (pairs whose
+    winner changed), agreement (the fraction of kept pairs where the scorer picks the human winner), dropped ties."""
+    s_w, s_l = scores[:, 0].numpy(), scores[:, 1].numpy()
+    keep = np.isfinite(s_w) & np.isfinite(s_l) & (s_w != s_l)
+    index = np.flatnonzero(keep)
+    swap = (s_l > s_w)[index]
+    stats = {"kept": len(index), "flipped": int(swap.sum()), "agreement": float(1 - swap.mean()) if len(index) else
+             float("nan"), "ties": int((np.isfinite(s_w) & (s_w == s_l)).sum()),
+             "undecodable": int((~np.isfinite(s_w) | ~np.isfinite(s_l)).sum())}
+    return RelabelledPairs(pairs, index, swap), stats

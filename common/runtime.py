@@ -4,12 +4,15 @@ Distributed setup, seeding, checkpoints that resume exactly, metrics, guard rail
 Nothing here knows about diffusion, preferences or rewards; read a script first, then this file.
 
     dist = setup_distributed()                       # torchrun or a single process
+    check_model_path(args.model, "--model")          # before the data loads: a typo fails in a second
+    prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite, is_main=dist.is_main)
     seed_everything(args.seed, dist.rank)
     logger = MetricsLogger(args.output_dir, enabled=dist.is_main, resume_step=start_step)
     ...
     save_checkpoint(args.output_dir, step, {"unet_lora": lora_sd}, {"optimizer": opt.state_dict(), "args": args},
                     generators=[noise_gen])                   # on every rank; rank 0 writes
     step, weights, extra = load_checkpoint(args.output_dir)    # resolves checkpoints/latest
+    check_resume_args(extra["args"], args)                     # names any run-defining flag that changed
     set_rng_state(extra["rng"][dist.rank], generators=[noise_gen])
 """
 
@@ -21,6 +24,8 @@ import os
 import random
 import re
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -160,13 +165,15 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], extra: dict,
-                    *, generators: list[torch.Generator] = (), keep_last: int | None = 2) -> Path:
+                    *, generators: list[torch.Generator] = (), keep_last: int | None = 2,
+                    script: str | None = None) -> Path:
     """Save `weights` (file name -> state dict, one safetensors file each, loadable without this code) and
     `extra` (optimizer and scheduler state dicts, Args, anything small) plus every rank's RNG state.
 
     Collective: call it on every rank. Only rank 0 writes; the others hand over their RNG state and wait.
     `extra` is converted to types `torch.load(weights_only=True)` accepts (dataclass -> dict, Path -> str, numpy ->
     tensor); anything else raises here rather than at resume time. Keeps the newest `keep_last` (None: all).
+    `script` (e.g. "dpok.py") is stored, so that resuming with another script says so instead of a KeyError.
     """
     require("rng" not in extra, "extra: the key 'rng' is reserved for the RNG states save_checkpoint adds")
     require(keep_last is None or keep_last >= 1, f"keep_last must be >= 1 or None, got {keep_last}")
@@ -187,7 +194,7 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, dict[s
             # safetensors wants contiguous CPU tensors that share no storage, hence a copy per tensor.
             save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()},
                       str(tmp / f"{name}.safetensors"))
-        torch.save({"step": step, "rng": rngs, "extra": extra}, tmp / "state.pt")
+        torch.save({"step": step, "rng": rngs, "extra": extra, "script": script}, tmp / "state.pt")
         for f in tmp.iterdir():  # on disk before the rename, or a power cut could publish empty files
             _fsync(f)
         if final.exists():  # re-saving a step after resuming from an earlier checkpoint: swap, then delete
@@ -207,18 +214,70 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, dict[s
     return final
 
 
-def load_checkpoint(path: str | Path) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict]:
-    """(step, weights, extra) from a checkpoint folder, or from an output dir via its `latest` pointer.
-    `extra["rng"][rank]` holds each rank's RNG state for `set_rng_state`. Tensors are loaded on the CPU."""
+def load_checkpoint(path: str | Path,
+                    script: str | None = None) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict]:
+    """(step, weights, extra) from a checkpoint folder, or from an output dir: its `latest` checkpoint, or, if that
+    one does not load (a half-written step: a kill or power cut inside a save on a filesystem without atomic
+    rename, a torn `latest`), the newest earlier checkpoint that does, with a warning naming what was passed over.
+    `extra["rng"][rank]` holds each rank's RNG state for `set_rng_state`. Tensors are loaded on the CPU.
+    With `script`, a checkpoint that another script wrote is refused with both names."""
     path = Path(path)
-    if not (path / "state.pt").exists():
-        resolved = latest_checkpoint(path)
-        if resolved is None:
-            raise FileNotFoundError(f"no checkpoint at {path} (neither state.pt nor checkpoints/latest)")
-        path = resolved
+    if (path / "state.pt").exists():
+        return _load_one(path, script)
+    pointer = path / "checkpoints" / "latest"
+    name = pointer.read_text().strip() if pointer.is_file() else ""
+    latest = pointer.parent / name if _STEP_DIR.fullmatch(name) else None  # None: no pointer, or a torn one
+    # The latest checkpoint first, then older ones; never a later step left by a longer run we resumed before.
+    candidates = [p for p in reversed(list_checkpoints(path)) if latest is None or int(p.name[5:]) <= int(name[5:])]
+    if latest is not None and latest not in candidates:
+        candidates.insert(0, latest)
+    if not candidates:
+        raise FileNotFoundError(f"no checkpoint at {path} (neither state.pt nor checkpoints/step_*)")
+    passed_over = []
+    for candidate in candidates:
+        try:
+            loaded = _load_one(candidate, script)
+        except _WrongScript:
+            raise
+        except Exception as e:  # incomplete: missing or truncated files
+            passed_over.append(f"{candidate.name} ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        if passed_over:
+            warnings.warn(f"{path}: resuming from {candidate.name}; passed over incomplete {', '.join(passed_over)}")
+        return loaded
+    raise FileNotFoundError(f"no complete checkpoint at {path}: {', '.join(passed_over)}")
+
+
+class _WrongScript(ValueError):
+    pass
+
+
+def _load_one(path: Path, script: str | None) -> tuple[int, dict[str, dict[str, torch.Tensor]], dict]:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)  # never unpickle code
+    saved_by = state.get("script")
+    if script is not None and saved_by is not None and saved_by != script:
+        raise _WrongScript(f"{path} is a checkpoint of {saved_by}, not of {script}: resume a run with the script "
+                           f"that wrote it")
     weights = {f.name.removesuffix(".safetensors"): load_file(f) for f in sorted(path.glob("*.safetensors"))}
     return state["step"], weights, {**state["extra"], "rng": state["rng"]}
+
+
+# Flags that may change between a run and its --resume: how long, where, how often to log or save, and how fast.
+# Everything else defines the run (data, model, seed, batch, learning rate...) and must match.
+RESUME_MAY_CHANGE = frozenset({
+    "resume", "stop_at_step", "steps", "iterations", "epochs", "output_dir", "overwrite", "toy", "num_workers",
+    "log_every", "checkpoint_every", "sample_every", "eval_every", "compile", "compile_unet",
+    "gradient_checkpointing", "cache_dir", "cache_latents", "embed_batch_size"})
+
+
+def check_resume_args(saved: dict, args, may_change: frozenset[str] = RESUME_MAY_CHANGE) -> None:
+    """Refuse a --resume whose run-defining arguments differ from the checkpoint's `args` (a dict), naming each with
+    both values. Fields one side lacks (a flag added since) are not compared."""
+    now = _plain(args, keep_tensors=False, where="args")
+    changed = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in sorted(now.keys() & saved.keys())
+               if k not in may_change and _plain(saved[k], keep_tensors=False) != now[k]]
+    require(not changed, f"--resume: run-defining arguments differ from the checkpoint's run: {'; '.join(changed)}. "
+            "Resume with the same ones, or start a new run in another --output-dir")
 
 
 def _fsync(path: Path) -> None:
@@ -252,6 +311,34 @@ def _plain(obj, keep_tensors: bool, where: str = "extra"):
 
 
 # ------------------------------------------------------------------------------------------------ metrics
+
+
+# What a training script writes into its --output-dir; --overwrite removes exactly these, nothing else.
+RUN_OUTPUTS = ("args.json", "metrics.jsonl", "eval.json", "tb", "checkpoints", "samples", "final")
+
+
+def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool = False, is_main: bool = True) -> Path:
+    """Refuse to start a new run in a non-empty `output_dir`: the old run's metrics, final weights and eval.json
+    would be replaced and its checkpoints, samples and TensorBoard events mixed into the new run's. With `resume`
+    the folder may hold anything; with `overwrite` the previous run's outputs (RUN_OUTPUTS) are deleted first
+    and anything else in the folder is left alone. Collective under torchrun: every rank checks, rank 0 deletes."""
+    out = Path(output_dir)
+    if not resume and out.exists() and any(out.iterdir()):  # resuming: load_checkpoint says if there is none
+        entries = sorted(p.name for p in out.iterdir())
+        if not overwrite:
+            raise FileExistsError(f"--output-dir {out} is not empty ({', '.join(entries[:6])}"
+                                  f"{', ...' if len(entries) > 6 else ''}): pass --resume to continue that run, "
+                                  "--overwrite to replace it, or choose another --output-dir")
+        barrier()  # every rank has looked before rank 0 deletes
+        if is_main:
+            for name in RUN_OUTPUTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+    barrier()
+    return out
 
 
 def write_args(output_dir: str | Path, args) -> None:
@@ -325,6 +412,35 @@ def require(cond: bool, msg: str) -> None:
     """Argument checks that survive `python -O` (unlike assert). Name the bad argument in `msg`."""
     if not cond:
         raise ValueError(msg)
+
+
+def check_model_path(model: str, flag: str = "--model") -> None:
+    """A local pipeline folder that does not exist is named as such, at start-up (before any data loads), rather than
+    reported later by the hub client as a malformed repo id. A hub id (`owner/name`) passes untouched."""
+    path = Path(model).expanduser()
+    if path.exists():
+        require(path.is_dir() and (path / "model_index.json").is_file(),
+                f"{flag} {model}: not a diffusers pipeline folder (no model_index.json)")
+        return
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model) is None or model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{flag} {model}: no such local folder (and not a hub id of the form owner/name)")
+
+
+def check_resolution(model: str, resolution: int, flag: str = "--resolution") -> None:
+    """At start-up: `resolution` must be a multiple of the VAE's downsampling factor (2^(blocks − 1): 8 for SD1.5)
+    and of 8, which diffusers' pipelines require of height and width. (The UNet pads a latent of any size.)"""
+    from diffusers import AutoencoderKL
+
+    vae_factor = 2 ** (len(AutoencoderKL.load_config(model, subfolder="vae")["block_out_channels"]) - 1)
+    factor = math.lcm(vae_factor, 8)
+    require(resolution >= factor and resolution % factor == 0,
+            f"{flag} {resolution}: must be a positive multiple of {factor} (the VAE downsamples by {vae_factor}; "
+            f"diffusers' pipelines need a multiple of 8), e.g. {max(factor, resolution // factor * factor)}")
+
+
+def absolute(path: str | Path) -> str:
+    """A local path made absolute (so a printed line works from any folder); a hub id unchanged."""
+    return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else str(path)
 
 
 def check_finite(loss: torch.Tensor | float, step: int, output_dir: str | Path | None = None) -> None:

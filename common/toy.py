@@ -462,6 +462,142 @@ def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
     return ToyWorld(root=root)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The toy SDXL world: an SDXL-shaped pipeline over the same images and data sets, built only when asked for
+# ----------------------------------------------------------------------------------------------------------------
+SDXL_VERSION = "1"
+DEFAULT_SDXL_ROOT = Path(__file__).resolve().parent.parent / "toy_world_sdxl"  # shipped, as toy_world/
+TIME_EMBED_DIM = 8  # SDXL: 256 per time_id; 6 time_ids + the pooled text embedding feed its added embedding
+
+
+def make_sdxl_models(vocab_size: int, bos: int, eos: int):
+    """StableDiffusionXLPipeline's parts at toy size, from configs (attention in both UNet blocks, as the SD1.5 toy;
+    SDXL's first block has none, which at 8x8 latents leaves the caption too little say): CLIPTextModel + CLIPTextModelWithProjection
+    (SDXL: CLIP ViT-L and OpenCLIP bigG), a UNet whose cross-attention takes both encoders' hidden states side by
+    side (32 + 32 = 64 features; SDXL: 768 + 1280 = 2048) and whose added embedding ("text_time") takes the second
+    encoder's pooled projection (32; SDXL 1280) and the 6 time_ids, and SDXL's scheduler config."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=77, projection_dim=32, bos_token_id=bos, eos_token_id=eos, pad_token_id=eos,
+                hidden_act="gelu")  # 3 layers, so the penultimate hidden state SDXL uses is not the embedding alone
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // 4, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=16,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+        up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=64, attention_head_dim=8,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + 32,
+    )
+    # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json, the same noise schedule as SD1.5's.
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
+        use_karras_sigmas=False,
+    )
+    return text_encoder, text_encoder_2, unet, scheduler
+
+
+def build_sdxl(root: Path, world: ToyWorld, seed: int = 0, unet_steps: int = 1000) -> None:
+    """The toy SDXL pipeline into `root/pipeline`: the SD1.5 toy world's trained VAE and tokenizer (both encoders
+    share it, as SDXL's two tokenizers share CLIP's BPE), two fresh frozen text encoders, and a UNet trained for
+    `unet_steps` on the same toy images with SDXL's conditioning (time_ids (32, 32, 0, 0, 32, 32): uncropped squares)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    t0 = time.time()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    tokenizer = CLIPTokenizer.from_pretrained(world.pipeline / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(world.pipeline / "vae").requires_grad_(False)
+    text_encoder, text_encoder_2, unet, scheduler = make_sdxl_models(len(tokenizer), tokenizer.bos_token_id,
+                                                                     tokenizer.eos_token_id)
+    text_encoder.requires_grad_(False)
+    text_encoder_2.requires_grad_(False)
+
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(2400)]
+    images = to_tensor([draw(p, rng) for p in prompts])  # (2400, 3, 32, 32) in [0, 1]
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mean for i in range(0, 2400, 256)])
+        ids = tokenizer(PROMPTS + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        out_1 = text_encoder(ids, output_hidden_states=True)
+        out_2 = text_encoder_2(ids, output_hidden_states=True)
+    latents = latents * vae.config.scaling_factor  # (2400, 4, 8, 8)
+    hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)  # (25, 77, 64)
+    pooled = out_2.text_embeds  # (25, 32)
+    time_ids = torch.tensor([RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION], dtype=torch.float32)
+    rows = torch.tensor([PROMPTS.index(p) for p in prompts])
+
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=2e-3, weight_decay=1e-2)
+    sched = get_cosine_schedule_with_warmup(opt, 50, unet_steps)
+    alpha_bar = scheduler.alphas_cumprod  # (1000,)
+    batch = 32
+    for _ in range(unet_steps):  # the ε-prediction loss SDXL was trained with, as _train_unet
+        idx = torch.randint(len(latents), (batch,), generator=gen)
+        t = torch.randint(0, 1000, (batch,), generator=gen)
+        eps = torch.randn(latents[idx].shape, generator=gen)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * latents[idx] + (1 - a).sqrt() * eps
+        which = rows[idx].clone()
+        which[torch.rand(batch, generator=gen) < 0.1] = len(PROMPTS)  # caption dropout to "", for guidance
+        added = {"text_embeds": pooled[which], "time_ids": time_ids.repeat(batch, 1)}
+        loss = F.mse_loss(unet(x_t, t, hidden[which], added_cond_kwargs=added).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+    # force_zeros_for_empty_prompt=False: the unconditional branch of guidance is the encoded "", which is what the
+    # toy UNet (and Diffusion-DPO's prompt dropout) trained on. The real SDXL base sets it True (zeros).
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=False)
+    pipe.save_pretrained(root / "pipeline")
+    (root / "world.json").write_text(json.dumps(dict(version=SDXL_VERSION, seed=seed, unet_steps=unet_steps,
+                                                     build_seconds=round(time.time() - t0, 1))))
+
+
+def toy_model_in(argv: list[str]) -> str:
+    """The --toy-model a command line asks for ("sd15" unless "sdxl"), read before parsing so that --toy's
+    defaults (the scripts' toy_defaults) can point at the right pipeline."""
+    pairs = zip(argv, argv[1:] + [""])
+    sdxl = any(a in ("--toy-model=sdxl", "--toy_model=sdxl") or (a in ("--toy-model", "--toy_model") and b == "sdxl")
+               for a, b in pairs)
+    return "sdxl" if sdxl else "sd15"
+
+
+def toy_sdxl_pipeline(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
+    """The toy SDXL pipeline folder (`$TOY_SDXL_DIR`, default the shipped `<repo>/toy_world_sdxl`, + /pipeline), built on first
+    use (a few CPU-minutes: 1000 UNet steps) from the SD1.5 toy world, whose data sets it shares. Process-safe as toy_world."""
+    from filelock import FileLock
+
+    world = toy_world()
+    root = Path(root or os.environ.get("TOY_SDXL_DIR") or DEFAULT_SDXL_ROOT).resolve()
+    stamp = root / "world.json"
+
+    def ready() -> bool:
+        return stamp.exists() and json.loads(stamp.read_text()).get("version") == SDXL_VERSION
+
+    if not ready():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root) + ".lock"):
+            if not ready():
+                print(f"building the toy SDXL pipeline in {root} (once; a few minutes)...", flush=True)
+                tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                threads = torch.get_num_threads()
+                build_sdxl(tmp, world, seed=seed)
+                torch.set_num_threads(threads)
+                shutil.rmtree(root, ignore_errors=True)
+                os.replace(tmp, root)
+    return root / "pipeline"
+
+
 if __name__ == "__main__":
     # `python -m common.toy [--rebuild] [--root DIR]`: (re)build the world, then sample every prompt from the toy
     # pipeline with fixed seeds and save a captioned grid.

@@ -89,8 +89,8 @@ def test_pickapic_winner_first_and_empty_caption_dropped(pickapic, caplog):
     assert [p.caption for p in pairs] == ["red wins", "blue wins", "broken"]
     assert color_of(pairs[0].image_w) == RED and color_of(pairs[0].image_l) == BLUE
     assert color_of(pairs[1].image_w) == BLUE and color_of(pairs[1].image_l) == RED
-    assert "dropped 1 ties of 5 pairs" in caplog.text
-    assert "skipped 1 of 5 pairs: 1 empty captions" in caplog.text
+    assert "pickapic train (" in caplog.text
+    assert "): 5 rows read, 3 kept, 1 ties dropped, 1 broken skipped (1 empty caption)\n" in caplog.text
     assert [p.caption for p in load_pickapic(str(pickapic), "validation")] == ["val"]
 
 
@@ -194,7 +194,7 @@ def test_imagereward_embedded_images_and_empty_prompt(tmp_path, caplog):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "metadata-test.parquet")
     with caplog.at_level(logging.WARNING):
         loaded = load_imagereward(str(tmp_path), "test")
-    assert "skipped 1 of 4 images: empty prompts" in caplog.text
+    assert "): 4 rows read, 3 kept, 1 broken skipped (1 empty prompt)\n" in caplog.text
     pairs = imagereward_pairs(loaded)
     assert [(color_of(p.image_w)[2], color_of(p.image_l)[2]) for p in pairs] == [(1, 2), (2, 3), (1, 3)]
 

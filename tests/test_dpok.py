@@ -149,6 +149,8 @@ def test_per_prompt_advantages_match_ddpo_stat_tracker():
 def test_guard_rails_name_the_flag():
     with pytest.raises(ValueError, match="--reward-path"):
         dpok.main(dpok.Args(reward="reward-model", reward_path=None))
+    with pytest.raises(ValueError, match="--reward-path '/no/ImageReward.pt' does not exist"):
+        dpok.main(dpok.Args(reward="imagereward", reward_path="/no/ImageReward.pt"))
     with pytest.raises(ValueError, match="--eta"):
         dpok.main(dpok.Args(reward="toy", eta=0.0))
     with pytest.raises(ValueError, match="--buffer-size"):
@@ -228,6 +230,35 @@ def test_toy_larger_beta_ends_closer_to_the_base_model(toy_runs):
     small, large = (json.loads((out / "eval.json").read_text()) for out in toy_runs)
     assert large["kl_final"] < 0.5 * small["kl_final"]
     assert large["kl_final"] > 0
+
+
+def test_imagereward_reward_end_to_end_with_gradients_to_the_lora(world, tmp_path):
+    """--reward imagereward on tiny random ImageReward weights in ImageReward.pt's layout: a run on a tiny budget logs
+    the ImageReward values as rewards (standardised, unbounded, not the toy reward's [0, 1]) and its loss sends
+    gradients to the LoRA (grad norm > 0, the LoRA's B matrices, zero at init, trained). In DPOK the reward is a
+    number, not a graph: the gradient reaches the policy through log p_θ, weighted by α·A."""
+    from safetensors.torch import load_file
+    from test_scorers import BLIP_TINY, imagereward_layout, tiny_bert_tokenizer
+
+    (tmp_path / "tok").mkdir()
+    vocab = tiny_bert_tokenizer(tmp_path / "tok")
+    (tmp_path / "ir").mkdir()
+    state = imagereward_layout(vocab, **BLIP_TINY)
+    state["mlp.layers.7.bias"] = torch.tensor([5.0])  # ImageReward ≈ (5 - 0.167) / 1.033: far from the toy's [0, 1]
+    torch.save(state, tmp_path / "ir" / "ImageReward.pt")
+    (tmp_path / "ir" / "med_config.json").write_text(json.dumps(dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=vocab,
+        max_position_embeddings=40)))
+    out = run(tmp_path, "ir_run", *TINY, "--iterations", "1", "--reward", "imagereward",
+              "--reward-path", str(tmp_path / "ir"), "--reward-clip-path", str(tmp_path / "tok"))
+    (row,) = metrics(out)
+    assert math.isfinite(row["losses/loss"]) and row["charts/grad_norm"] > 0
+    lora = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in lora.items() if "lora_B" in k or "lora.up" in k]
+    assert ups and max(v.abs().max().item() for v in ups) > 0
+    result = json.loads((out / "eval.json").read_text())
+    assert len(result["rewards_base"]) == 2 and all(3 < r < 8 for r in result["rewards_base"])
+    assert 3 < row["rewards/mean"] < 8
 
 
 def test_reward_scale_base_makes_training_independent_of_the_rewards_units(world, tmp_path, monkeypatch):

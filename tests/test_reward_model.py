@@ -121,6 +121,7 @@ def test_toy_pairwise_end_to_end(world, tmp_path, cache_dir, monkeypatch):
     bt = [r["losses/bt"] for r in rows if "losses/bt" in r]
     assert bt[-1] < 0.6 * bt[0] and (run / "args.json").is_file() and any((run / "tb").iterdir())
     assert json.loads((run / "eval.json").read_text()) == pytest.approx(result)
+    assert json.loads((run / "final" / "config.json").read_text())["head"] == "mlp"  # pairwise: ours by default
 
     # The saved folder is a scorer: from pixels it ranks the held-out pairs as the cached embeddings did.
     from common.data import decode_image, load_pairs
@@ -135,7 +136,7 @@ def test_toy_pairwise_end_to_end(world, tmp_path, cache_dir, monkeypatch):
 
     # A second run reuses the cache: not one more CLIP forward.
     before = dict(calls)
-    rm.main(dataclasses.replace(args, output_dir=str(tmp_path / "again"), epochs=1))
+    rm.main(dataclasses.replace(args, output_dir=str(tmp_path / "again"), steps=20))
     assert calls == before
 
     # Resume: continue a copy of the run from its earlier checkpoint; the final weights match exactly.
@@ -161,17 +162,34 @@ def test_toy_binary_end_to_end(world, tmp_path, cache_dir):
     # Trained on labels alone, it still ranks the held-out preference pairs far better than CLIP score.
     assert result["eval/imagereward_accuracy"] > result["eval/imagereward_clip_score_accuracy"] + 0.2
     # The auxiliary term does its job: the true prompt outscores its 7 hard perturbations (chance 1/8) far more
-    # often than without it (measured with the default mse label term: 0.56 against 0.31).
+    # often than without it (measured with the default mse label term and DPOK's sigmoid head: 0.505 against 0.337;
+    # with our linear head, --head mlp: 0.537 against 0.316).
     without = rm.main(dataclasses.replace(args, pc_coef=0.0, output_dir=str(tmp_path / "no_pc")))
     assert result["eval/prompt_accuracy"] >= 0.45
     assert result["eval/prompt_accuracy"] > without["eval/prompt_accuracy"] + 0.15
+    # Lee et al.'s labels with mse train DPOK's head by default: σ(MLP([e_T, e_I])), a reward in (0, 1).
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["head"] == "dpok"
+    from common.toy import to_tensor
+
+    from common.data import decode_image, load_pairs
+
+    pairs = load_pairs("imagereward", str(world.imagereward), "test")[:16]
+    with torch.no_grad():
+        r = load_scorer("reward-model", str(tmp_path / "run" / "final"))(
+            to_tensor([decode_image(p.image_w) for p in pairs]), [p.caption for p in pairs])
+    assert ((r > 0) & (r < 1)).all() and r.std() > 0.01
 
 
 def test_guard_rails(world, tmp_path, cache_dir, monkeypatch):
-    with pytest.raises(ValueError, match="--binary-source"):
-        rm.main(rm.toy_args(loss="binary", binary_source="", output_dir=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="--dataset-source binary=SOURCE"):
+        rm.main(rm.toy_args(loss="binary", dataset_source=("binary=",), output_dir=str(tmp_path / "a")))
+    with pytest.raises(ValueError, match="expected NAME=SOURCE"):
+        rm.main(rm.toy_args(dataset_source=("imagerewards=/x",), output_dir=str(tmp_path / "e")))
+    with pytest.raises(ValueError, match="--head dpok with --label-loss bce"):
+        rm.main(rm.toy_args(loss="binary", label_loss="bce", head="dpok", output_dir=str(tmp_path / "d")))
     with pytest.raises(ValueError, match="exceeds"):
-        rm.main(rm.toy_args(batch_size=100_000, output_dir=str(tmp_path / "b"), cache_dir=str(cache_dir)))
+        rm.main(rm.toy_args(per_device_batch=100_000, output_dir=str(tmp_path / "b"), cache_dir=str(cache_dir)))
     monkeypatch.setattr(rm, "pairwise_loss", lambda r_w, r_l, y: (r_w - r_l).mean() * float("nan"))
     with pytest.raises(FloatingPointError, match="step 20"):
-        rm.main(rm.toy_args(epochs=1, output_dir=str(tmp_path / "c"), cache_dir=str(cache_dir)))
+        rm.main(rm.toy_args(steps=20, output_dir=str(tmp_path / "c"), cache_dir=str(cache_dir)))

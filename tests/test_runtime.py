@@ -262,3 +262,89 @@ def test_two_process_gloo(tmp_path, monkeypatch):
     assert r0["keys"] == ["bias", "weight"]  # no `module.` prefix
     assert r0["resumed_equal"] and r1["resumed_equal"]  # each rank got its own RNG state back
     assert len(torch.load(tmp_path / "checkpoints/step_0000003/state.pt", weights_only=True)["rng"]) == 2
+
+
+# ---------------------------------------------------------------- hardening (issue 16): incomplete checkpoints,
+# run folders, resume arguments, another script's checkpoint, --model and --resolution at start-up
+
+
+def test_half_written_step_folder_is_passed_over_for_the_last_complete_one(tmp_path):
+    """A step folder in place but incomplete (killed mid-write on a filesystem without atomic rename, or copied
+    half-way) and a torn `latest`: the newest checkpoint that loads wins, with a warning naming the one passed over."""
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, {"model": {"w": torch.full((4,), float(step))}}, {"s": step}, keep_last=None)
+    weights_file = tmp_path / "checkpoints" / "step_0000003" / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:20])  # truncated by the kill
+    with pytest.warns(UserWarning, match=r"resuming from step_0000002; passed over incomplete step_0000003"):
+        step, weights, extra = load_checkpoint(tmp_path)
+    assert step == 2 and extra["s"] == 2 and torch.equal(weights["model"]["w"], torch.full((4,), 2.0))
+
+    (tmp_path / "checkpoints" / "step_0000002" / "state.pt").unlink()  # killed before state.pt was written
+    (tmp_path / "checkpoints" / "latest").write_text("")  # and the pointer torn
+    with pytest.warns(UserWarning, match="resuming from step_0000001"):
+        assert load_checkpoint(tmp_path)[0] == 1
+    for p in list_checkpoints(tmp_path):
+        (p / "state.pt").unlink(missing_ok=True)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_checkpoint_of_another_script_is_named_not_a_key_error(tmp_path):
+    save_checkpoint(tmp_path, 1, {"policy": {"w": torch.ones(2)}}, {}, script="dpok.py")
+    with pytest.raises(ValueError, match=r"is a checkpoint of dpok.py, not of sft.py"):
+        load_checkpoint(tmp_path, script="sft.py")
+    assert load_checkpoint(tmp_path, script="dpok.py")[0] == 1
+
+
+def test_non_empty_output_dir_is_refused_unless_resuming_or_overwriting(tmp_path):
+    runtime.prepare_output_dir(tmp_path / "new", resume=False)  # absent or empty: fine
+    (tmp_path / "new").mkdir()
+    runtime.prepare_output_dir(tmp_path / "new", resume=False)
+    old = tmp_path / "old"
+    for name in ("checkpoints/step_0000001", "samples", "tb", "final/unet", "latent_cache"):
+        (old / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "eval.json", "args.json", "notes.txt"):
+        (old / name).write_text("x")
+    with pytest.raises(FileExistsError, match=r"--output-dir .*old is not empty \(args.json, checkpoints, eval.json, "
+                                              r"final, latent_cache, metrics.jsonl, \.\.\.\): pass --resume"):
+        runtime.prepare_output_dir(old, resume=False)
+    runtime.prepare_output_dir(old, resume=True)  # resuming: the folder is the run's own
+    assert (old / "metrics.jsonl").exists()
+    runtime.prepare_output_dir(old, resume=False, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == ["latent_cache", "notes.txt"]  # only the run's outputs went
+
+
+def test_resume_with_changed_run_defining_args_names_them():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Args:
+        seed: int = 0
+        per_device_batch: int = 4
+        steps: int = 10
+        output_dir: str = "a"
+        resume: bool = False
+
+    saved = runtime._plain(Args(), keep_tensors=False)
+    runtime.check_resume_args(saved, Args(steps=20, output_dir="b", resume=True))  # length and place may change
+    with pytest.raises(ValueError, match=r"--per-device-batch 4 -> 8; --seed 0 -> 1\. Resume with the same"):
+        runtime.check_resume_args(saved, Args(seed=1, per_device_batch=8, resume=True))
+    runtime.check_resume_args({"seed": 0}, Args(resume=True))  # a flag the checkpoint predates is not compared
+
+
+def test_model_path_and_resolution_checked_at_start_up(tmp_path):
+    from common.toy import toy_world
+
+    with pytest.raises(FileNotFoundError, match=r"--model /no/such/pipeline: no such local folder"):
+        runtime.check_model_path("/no/such/pipeline")
+    with pytest.raises(FileNotFoundError, match=r"--model runs/x/final/: no such local folder"):
+        runtime.check_model_path("runs/x/final/")
+    runtime.check_model_path("stable-diffusion-v1-5/stable-diffusion-v1-5")  # a hub id: left to the hub client
+    with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
+        runtime.check_model_path(str(tmp_path))
+    world = toy_world()
+    runtime.check_model_path(str(world.pipeline))
+    runtime.check_resolution(str(world.pipeline), 32)
+    with pytest.raises(ValueError, match=r"--resolution 36: must be a positive multiple of 8 \(the VAE downsamples "
+                                         r"by 4; .*\), e.g. 32"):
+        runtime.check_resolution(str(world.pipeline), 36)
