@@ -99,8 +99,8 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
     train_prompts = str(PROMPT_FILES["train"]) if toy else f"{args.imagereward_source}/metadata-train.parquet"
     rm = out / "rm"
     steps = [("reward model", run("reward_model.py") + base + [
-        "--dataset", "imagereward", "--imagereward-source", data, "--output-dir", str(rm),
-        "--cache-dir", str(out / "embedding_cache")] + (["--epochs", "1"] if ci else []), rm / "final")]
+        "--dataset", "imagereward", "--dataset-source", f"imagereward={data}", "--output-dir", str(rm),
+        "--cache-dir", str(out / "embedding_cache")] + (["--steps", "5"] if ci else []), rm / "final")]
     model = [] if toy else ["--model", args.model]
     for seed in args.seeds:
         s = ["--seed", str(seed)]
