@@ -1,5 +1,7 @@
 """Diffusion-DPO: fine-tune Stable Diffusion 1.5 or SDXL on human preference pairs (Wallace et al. 2023).
 
+Docs (usage, logged metrics, implementation details with sources, toy results, tests): docs/diffusion_dpo.md
+
 Paper https://arxiv.org/abs/2311.12908 · official code https://github.com/SalesforceAIResearch/DiffusionDPO (train.py)
 
 For a caption c with a preferred image x_w and a rejected one x_l (as VAE latents), draw ONE timestep t ~ U{0..999}
@@ -40,10 +42,13 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Literal
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads sleep, not spin (README)
 
 import scipy.stats
 import torch
@@ -387,7 +392,8 @@ def main(args: Args) -> dict:
     relabel = None
     if args.relabel_with:  # AI feedback: the scorer's preferred image becomes the winner (scores cached, rank-sharded)
         try:
-            scorer = load_scorer(args.relabel_with, args.scorer_path, clip_path=args.clip_path, device=dist.device)
+            scorer = load_scorer(args.relabel_with, args.scorer_path, clip_path=args.clip_path, device=dist.device,
+                                 flags=("--scorer-path", "--clip-path"))
         except ValueError as e:
             raise ValueError(f"--relabel-with {args.relabel_with}: {e}") from e
         key = json.dumps([args.relabel_with, args.scorer_path, args.clip_path, args.dataset, source, args.split,

@@ -1,5 +1,7 @@
 """DPOK: online reinforcement learning with KL regularisation for text-to-image diffusion (and the switches for DDPO).
 
+Docs (usage, logged metrics, implementation details with sources, toy results, tests): docs/dpok.md
+
 Fan et al. 2023, "DPOK: Reinforcement Learning for Fine-tuning Text-to-Image Diffusion Models",
 https://arxiv.org/abs/2305.16381; official code: google-research/google-research/dpok (train_online_pg.py).
 
@@ -17,21 +19,21 @@ log p is the Gaussian log-density averaged (not summed) over C, H, W, as in both
 dims overflows ρ. The clamp has zero gradient outside 1 ± ε, so stale transitions stop contributing.
 
 Paper symbol -> flag / variable:  α --reward-coef, β --kl-coef, ε --clip-range, w --guidance-scale, η --eta,
-T --num-steps, p_pre = the same UNet with its LoRA adapters disabled (`reference_unet`), V = `ValueNet`, A = `adv`.
+T --rollout-steps, p_pre = the same UNet with its LoRA adapters disabled (`reference_unet`), V = `ValueNet`, A = `adv`.
 
 DDPO (Black et al. 2023, https://arxiv.org/abs/2305.13301) is this loop with no KL, PPO's clipped objective
 max(-A·ρ, -A·clip(ρ, 1 ± ε)) and advantages normalised per prompt with running statistics (clipped to ±5):
     python dpok.py --kl-coef 0 --clip ppo --advantage per-prompt --reward-coef 1 --clip-range 1e-4
-(ddpo-pytorch's defaults are also --lr 3e-4 --max-grad-norm 1 --guidance-scale 5; its on-policy inner epoch is
---buffer-size = sample-batch x num-steps with policy-steps x grad-accum x policy-batch equal to that number.)
+(ddpo-pytorch's defaults are also --learning-rate 3e-4 --max-grad-norm 1 --guidance-scale 5; its on-policy inner
+epoch is --buffer-size = sample-batch x rollout-steps with policy-steps x grad-accum x policy-batch equal to that number.)
 
 Usage (the official README's two runs, ImageReward as the reward; flags equal to the defaults are left out):
-    python dpok.py --reward imagereward --prompt "A green colored rabbit."   # single prompt, 1 GPU: α 10, β 0.01
-    torchrun --nproc_per_node <GPUs> dpok.py --reward imagereward --prompts data_meta.json --reward-coef 1000 \
-        --kl-coef 0.1 --policy-batch 2 --sample-batch 6 --iterations 20000  # multi-prompt: DPOK's DrawBench prompts
+    python dpok.py --scorer imagereward --prompt "A green colored rabbit."   # single prompt, 1 GPU: α 10, β 0.01
+    torchrun --nproc_per_node <GPUs> dpok.py --scorer imagereward --prompts data_meta.json --reward-coef 1000 \
+        --kl-coef 0.1 --policy-batch 2 --sample-batch 6 --steps 100000  # multi-prompt: DPOK's DrawBench prompts
     (data_meta.json: google-research dpok/dataset/drawbench/, a dict keyed by prompt; the README does not say on how
-    many GPUs it ran. --iterations = its max_train_steps 100000 / p_step 5.)
-    python dpok.py --reward reward-model --reward-path runs/reward_model-<time>/final  # our learned reward instead
+    many GPUs it ran. --steps = its max_train_steps 100000.)
+    python dpok.py --scorer reward-model --scorer-path runs/reward_model-<time>/final  # our learned reward instead
     python dpok.py --toy                                           # the offline toy world on a CPU, about a minute
 """
 
@@ -39,10 +41,13 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Literal
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads sleep, not spin (README)
 
 import scipy.stats
 import torch
@@ -65,20 +70,20 @@ from common.scorers import load_scorer
 @dataclasses.dataclass
 class Args:
     # ---- model, prompts, reward
-    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """base model: hub id or local StableDiffusionPipeline folder (its scheduler config gives ᾱ and the timesteps)"""
     prompts: str = "partiprompts"
     """training prompts: a text file (one per line), .json list, parquet, HPSv2 folder, 'partiprompts' or 'pickapic'"""
     prompt: str | None = None
     """train on this one prompt instead (DPOK's single-prompt runs, e.g. "A green colored rabbit.")"""
-    reward: Literal["imagereward", "reward-model", "hps", "pickscore", "aesthetic", "clip", "toy"] = "imagereward"
+    scorer: Literal["imagereward", "reward-model", "hps", "pickscore", "aesthetic", "clip", "toy"] = "imagereward"
     """r(x0, z) from common/scorers.py: 'imagereward' is DPOK's (official --reward_flag 0, the default); 'reward-model'
     the CLIP-embedding MLP that reward_model.py trains (DPOK's --reward_flag 1)"""
-    reward_path: str | None = None
+    scorer_path: str | None = None
     """the reward's weights: reward_model.py's output folder ('reward-model') or the head file ('aesthetic'), both
     required; ImageReward.pt or its folder ('imagereward'), HPS_v2.1_compressed.pt or its folder ('hps'), a copy of
     the model ('clip', 'pickscore'): None downloads the hub default"""
-    reward_clip_path: str | None = None
+    clip_path: str | None = None
     """the reward's processor or backbone (None: the scorer's default, e.g. CLIP ViT-L/14); for 'imagereward' BLIP's
     BERT tokenizer (default bert-base-uncased)"""
     # ---- the method
@@ -104,7 +109,7 @@ class Args:
     stat_min_count: int = 16
     """per-prompt: below this many rewards for a prompt, the whole batch's mean and std are used (ddpo-pytorch: 16)"""
     # ---- sampling (the policy's trajectories)
-    num_steps: int = 50
+    rollout_steps: int = 50
     """T, DDIM steps per trajectory (official: 50)"""
     guidance_scale: float = 7.5
     """w, classifier-free guidance scale in sampling and in the policy's log-probability (official: 7.5)"""
@@ -121,7 +126,7 @@ class Args:
     """transitions per micro-batch per GPU (official p_batch_size: 4 single prompt, 2 multi)"""
     grad_accum: int = 12
     """micro-batches per optimizer step; transitions per step = policy-batch x grad-accum x GPUs (official: 12)"""
-    lr: float = 1e-5
+    learning_rate: float = 1e-5
     """policy learning rate, AdamW (0.9, 0.999), no weight decay, constant (official: 1e-5)"""
     max_grad_norm: float = 0.1
     """gradient-norm clip of the policy (official clip_norm: 0.1)"""
@@ -131,29 +136,30 @@ class Args:
     """value net: optimizer steps per iteration (official v_step: 5, which its code accumulates into a single step)"""
     value_batch: int = 256
     """value net: transitions per micro-batch per GPU (official v_batch_size: 256)"""
-    value_lr: float = 1e-4
+    value_learning_rate: float = 1e-4
     """value net learning rate, AdamW (official v_lr: 1e-4)"""
-    iterations: int = 2000
-    """sample-then-update rounds (official: max_train_steps 10000 / p_step 5)"""
+    steps: int = 10000
+    """policy optimizer steps (official max_train_steps: 10000); --policy-steps of them per sample-then-update
+    iteration, so 2000 iterations"""
     # ---- engineering
     seed: int = 0
     """seeds everything; rank r uses seed + r"""
     output_dir: str | None = None
     """run folder (default runs/dpok-<time>): args.json, metrics.jsonl, tb/, checkpoints/, samples/, final/,
     eval.json"""
-    resume: str | None = None
-    """an output dir or checkpoint folder to continue from exactly (weights, optimizers, buffer, RNG streams)"""
+    resume: bool = False
+    """continue the run in --output-dir exactly (weights, optimizers, replay buffer, RNG streams)"""
     overwrite: bool = False
     """start afresh in a non-empty --output-dir, deleting the previous run's outputs (refused without this flag)"""
-    checkpoint_every: int = 100
-    """iterations between checkpoints (official save_interval: 100)"""
-    sample_every: int = 100
-    """iterations between fixed-seed validation grids and rewards/eval_mean"""
-    num_val: int = 8
+    checkpoint_every: int = 500
+    """policy steps between checkpoints, a multiple of --policy-steps (official save_interval: 100 iterations)"""
+    sample_every: int = 500
+    """policy steps between fixed-seed validation grids and rewards/eval_mean, a multiple of --policy-steps"""
+    num_validation_prompts: int = 8
     """validation images: the first prompts (cycled), image k drawn from its own generator seeded k"""
     sample_steps: int = 50
     """DDIM steps (η = 0, evaluate.py's sampler) of the final base-vs-trained comparison in eval.json; the grids and
-    rewards/eval_mean during training use the policy's own sampler (--num-steps, --eta)"""
+    rewards/eval_mean during training use the policy's own sampler (--rollout-steps, --eta)"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """autocast dtype over fp32 master weights (official: fp16); CPUs take 'no' or 'bf16'"""
     gradient_checkpointing: bool = False
@@ -177,12 +183,12 @@ def toy_defaults(prompts_given: bool = False) -> Args:
     from common.toy import toy_world
 
     world = toy_world()
-    return Args(toy=True, pretrained=str(world.pipeline), prompts=str(world.prompts),
-                prompt=None if prompts_given else "a red circle on a white background", reward="toy",
-                mixed_precision="no", num_steps=5, guidance_scale=5.0, sample_batch=48, buffer_size=240,
-                policy_steps=2, policy_batch=60, grad_accum=2, lr=1e-4, max_grad_norm=1.0, lora_rank=0,
-                value_steps=20, value_batch=64, value_lr=1e-3, iterations=12, checkpoint_every=6, sample_every=6,
-                num_val=48, sample_steps=20)
+    return Args(toy=True, model=str(world.pipeline), prompts=str(world.prompts),
+                prompt=None if prompts_given else "a red circle on a white background", scorer="toy",
+                mixed_precision="no", rollout_steps=5, guidance_scale=5.0, sample_batch=48, buffer_size=240,
+                policy_steps=2, policy_batch=60, grad_accum=2, learning_rate=1e-4, max_grad_norm=1.0, lora_rank=0,
+                value_steps=20, value_batch=64, value_learning_rate=1e-3, steps=24, checkpoint_every=12,
+                sample_every=12, num_validation_prompts=48, sample_steps=20)
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -345,53 +351,59 @@ def main(args: Args) -> Path:
     dist = runtime.setup_distributed()
     device = dist.device
     # ---- guard rails: reject what cannot work before loading anything
-    runtime.check_model_path(args.pretrained, "--pretrained")
-    T = args.num_steps
+    runtime.check_model_path(args.model, "--model")
+    T = args.rollout_steps
     require(args.reward_coef > 0, f"--reward-coef must be > 0, got {args.reward_coef}")
     require(args.kl_coef >= 0, f"--kl-coef must be >= 0, got {args.kl_coef}")
     require(args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range}")
     require(0 < args.eta <= 1, f"--eta must be in (0, 1] so each transition has a density, got {args.eta}")
-    require(T >= 1, f"--num-steps must be >= 1, got {T}")
+    require(T >= 1, f"--rollout-steps must be >= 1, got {T}")
     require(args.guidance_scale >= 1, f"--guidance-scale must be >= 1, got {args.guidance_scale}")
     require(min(args.sample_batch, args.policy_batch, args.grad_accum, args.policy_steps, args.value_steps,
-                args.value_batch, args.iterations, args.checkpoint_every, args.sample_every, args.num_val) >= 1,
-            "--sample-batch, --policy-batch, --grad-accum, --policy-steps, --value-steps, --value-batch, --iterations, "
-            "--checkpoint-every, --sample-every and --num-val must be >= 1")
+                args.value_batch, args.steps, args.checkpoint_every, args.sample_every, args.num_validation_prompts) >= 1,
+            "--sample-batch, --policy-batch, --grad-accum, --policy-steps, --value-steps, --value-batch, --steps, "
+            "--checkpoint-every, --sample-every and --num-validation-prompts must be >= 1")
+    for flag, value in (("--steps", args.steps), ("--checkpoint-every", args.checkpoint_every),
+                        ("--sample-every", args.sample_every)):
+        require(value % args.policy_steps == 0, f"{flag} {value} must be a multiple of --policy-steps "
+                f"{args.policy_steps}: the policy takes that many steps per sample-then-update iteration")
+    iterations = args.steps // args.policy_steps
     require(args.buffer_size >= args.sample_batch * T,
             f"--buffer-size {args.buffer_size} must hold one iteration's {args.sample_batch} x {T} transitions")
     require(args.stat_min_count <= args.stat_buffer, "--stat-min-count must be <= --stat-buffer")
-    require(args.reward not in ("reward-model", "aesthetic") or (args.reward_path and Path(args.reward_path).exists()),
-            f"--reward-path {args.reward_path!r} does not exist: --reward {args.reward} needs "
-            + ("the folder reward_model.py wrote (e.g. runs/reward_model-<time>/final)" if args.reward == "reward-model"
+    require(args.scorer not in ("reward-model", "aesthetic") or (args.scorer_path and Path(args.scorer_path).exists()),
+            f"--scorer-path {args.scorer_path!r} does not exist: --scorer {args.scorer} needs "
+            + ("the folder reward_model.py wrote (e.g. runs/reward_model-<time>/final)" if args.scorer == "reward-model"
                else "the LAION aesthetic head's weights (sac+logos+ava1-l14-linearMSE.pth)"))
-    require(args.reward_path is None or Path(args.reward_path).exists(),
-            f"--reward-path {args.reward_path!r} does not exist (--reward {args.reward})")
+    require(args.scorer_path is None or Path(args.scorer_path).exists(),
+            f"--scorer-path {args.scorer_path!r} does not exist (--scorer {args.scorer})")
     require(device.type == "cuda" or args.mixed_precision != "fp16", "--mixed-precision fp16 needs a GPU; use bf16, no")
+    require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
     runtime.seed_everything(args.seed, dist.rank)
     if args.output_dir is None:  # rank 0's clock, so every rank writes to the same folder
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
         if tdist.is_initialized():
             tdist.broadcast_object_list(stamp, src=0)
         args = dataclasses.replace(args, output_dir=f"runs/dpok-{stamp[0]}")
-    out = runtime.prepare_output_dir(args.output_dir, resume=args.resume is not None, overwrite=args.overwrite,
+    out = runtime.prepare_output_dir(args.output_dir, resume=args.resume, overwrite=args.overwrite,
                                      is_main=dist.is_main)
 
     # ---- models: frozen VAE and text encoder; the UNet with LoRA (or full, against a frozen copy)
-    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained, subfolder="text_encoder").requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(args.pretrained, subfolder="vae").requires_grad_(False)
+    tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder").requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae").requires_grad_(False)
     text_encoder, vae = text_encoder.to(device), vae.to(device)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained, subfolder="unet").to(device)
-    scheduler = DDIMScheduler.from_pretrained(args.pretrained, subfolder="scheduler")
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").to(device)
+    scheduler = DDIMScheduler.from_pretrained(args.model, subfolder="scheduler")
     require(scheduler.config.prediction_type == "epsilon",
-            f"{args.pretrained}: prediction_type {scheduler.config.prediction_type!r}; DPOK's step needs 'epsilon'")
+            f"{args.model}: prediction_type {scheduler.config.prediction_type!r}; DPOK's step needs 'epsilon'")
     ref_unet = None
     if args.lora_rank > 0:
         unet.requires_grad_(False)
         unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
     else:  # a full fine-tune keeps a frozen copy as p_pre: the KL term and the final comparison both need it
-        ref_unet = UNet2DConditionModel.from_pretrained(args.pretrained, subfolder="unet").requires_grad_(False)
+        ref_unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet").requires_grad_(False)
         ref_unet = ref_unet.to(device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -400,8 +412,8 @@ def main(args: Args) -> Path:
     latent_dim = unet.config.in_channels * unet.config.sample_size**2
     value_net = ValueNet(latent_dim + text_dim, T).to(device)
     # The official code passes adam_weight_decay=0 to the policy's AdamW and torch's default (0.01) to the value's.
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
-    value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_lr)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    value_optimizer = torch.optim.AdamW(value_net.parameters(), lr=args.value_learning_rate)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16,
                               enabled=args.mixed_precision != "no")
@@ -422,8 +434,8 @@ def main(args: Args) -> Path:
     prompts = [args.prompt] if args.prompt else load_prompts(args.prompts)
     require(len(prompts) > 0 and all(prompts), f"--prompts {args.prompts} / --prompt {args.prompt!r}: no prompts")
     clip_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    scorer = load_scorer(args.reward, args.reward_path, clip_path=args.reward_clip_path, device=device,
-                         dtype=clip_dtype)
+    scorer = load_scorer(args.scorer, args.scorer_path, clip_path=args.clip_path, device=device, dtype=clip_dtype,
+                         flags=("--scorer-path", "--clip-path"))
     uncond = encode([""], tokenizer, text_encoder, device)[0]  # (1, 77, D)
 
     def embed(ids: torch.Tensor):
@@ -431,7 +443,7 @@ def main(args: Args) -> Path:
         hidden, pooled = encode([prompts[i] for i in ids.tolist()], tokenizer, text_encoder, device)
         return torch.cat([uncond.expand(len(ids), -1, -1), hidden]), pooled
 
-    val_ids = torch.arange(args.num_val) % len(prompts)  # the first prompts, cycled
+    val_ids = torch.arange(args.num_validation_prompts) % len(prompts)  # the first prompts, cycled
     val_prompts, val_emb = [prompts[i] for i in val_ids.tolist()], embed(val_ids)[0]
     evaluation = (vae, scorer, val_prompts, val_emb, sched, args, autocast, device)  # validate()'s fixed arguments
 
@@ -442,10 +454,11 @@ def main(args: Args) -> Path:
     history: dict[str, list[float]] = {}
     start = 0
     if args.resume:
-        start, weights, extra = runtime.load_checkpoint(args.resume, script="dpok.py")
+        start, weights, extra = runtime.load_checkpoint(out, script="dpok.py")
+        start //= args.policy_steps  # checkpoints count policy steps; the loop counts iterations
         runtime.check_resume_args(extra["args"], args)
         missing = {n for n, p in unet.named_parameters() if p.requires_grad} - set(weights["policy"])
-        require(not missing, f"--resume {args.resume}: the checkpoint lacks {len(missing)} trainable tensors "
+        require(not missing, f"--resume {out}: the checkpoint lacks {len(missing)} trainable tensors "
                 f"(e.g. {next(iter(missing), '')}); was it saved with another --lora-rank?")
         unet.load_state_dict(weights["policy"], strict=False)
         value_net.load_state_dict(weights["value"])
@@ -458,7 +471,7 @@ def main(args: Args) -> Path:
         runtime.set_rng_state(extra["rng"][dist.rank], generators=[gen, noise_gen])
     if dist.is_main:
         runtime.write_args(out, args)
-    logger = runtime.MetricsLogger(out, enabled=dist.is_main, resume_step=start if args.resume else None)
+    logger = runtime.MetricsLogger(out, enabled=dist.is_main, resume_step=start * args.policy_steps if args.resume else None)
 
     per_iter = args.sample_batch * T
     per_step = args.policy_batch * args.grad_accum * dist.world_size
@@ -469,12 +482,12 @@ def main(args: Args) -> Path:
               f"policy: {args.policy_steps} steps/iteration x ({args.policy_batch} transitions x {args.grad_accum} "
               f"accumulation x {dist.world_size} GPUs = {per_step}) = {args.policy_steps * per_step} transitions "
               f"trained per iteration (replay ratio {args.policy_steps * per_step / per_iter / dist.world_size:.2f}); "
-              f"lr {args.lr:g}, {sum(p.numel() for p in params):,} trainable parameters "
+              f"lr {args.learning_rate:g}, {sum(p.numel() for p in params):,} trainable parameters "
               f"({'LoRA rank ' + str(args.lora_rank) if args.lora_rank else 'full UNet'})\n"
               f"value net ({'on' if args.advantage == 'value' else 'off'}): {args.value_steps} steps/iteration x "
-              f"{args.value_batch} transitions x {dist.world_size} GPUs, lr {args.value_lr:g}\n"
-              f"{args.iterations} iterations: {args.iterations * args.sample_batch * dist.world_size:,} images, "
-              f"{args.iterations * args.policy_steps:,} policy steps; α={args.reward_coef:g} β={args.kl_coef:g} "
+              f"{args.value_batch} transitions x {dist.world_size} GPUs, lr {args.value_learning_rate:g}\n"
+              f"{iterations} iterations: {iterations * args.sample_batch * dist.world_size:,} images, "
+              f"{args.steps:,} policy steps (--steps); α={args.reward_coef:g} β={args.kl_coef:g} "
               f"KL={args.kl} clip={args.clip}(ε={args.clip_range:g}) advantage={args.advantage}")
 
     def save_samples(it: int) -> None:
@@ -494,10 +507,11 @@ def main(args: Args) -> Path:
             reward_unit = validate(ref, None, *evaluation)[1].std().item()
         require(reward_unit > 0, "--reward-scale base: the base model's validation rewards are all equal; use none")
         if dist.is_main:
-            print(f"reward unit: r / {reward_unit:.4g} (the std of the base model's {args.num_val} validation rewards)")
+            print(f"reward unit: r / {reward_unit:.4g} (the std of the base model's {args.num_validation_prompts} validation rewards)")
     if start == 0 and dist.is_main:
         save_samples(0)  # the base model's grid
-    for it in tqdm(range(start, args.iterations), initial=start, total=args.iterations, disable=not dist.is_main):
+    for it in tqdm(range(start, iterations), initial=start, total=iterations, disable=not dist.is_main):
+        done = (it + 1) * args.policy_steps  # policy optimizer steps after this iteration: every metric's x axis
         t0 = time.time()
         # ---------------- 1. sample trajectories with the current policy, recording log p as they are drawn
         idx = torch.randint(len(prompts), (args.sample_batch,), generator=gen)  # (N,)
@@ -561,7 +575,7 @@ def main(args: Args) -> Path:
                 ratio = (log_prob - buffer["log_prob"][b]).exp().mean()
                 for name, v in zip(sums, (loss, policy_loss, kl.mean(), clip_frac, approx_kl, ratio)):
                     sums[name] += v.detach() / (args.grad_accum * args.policy_steps)
-            runtime.check_finite(runtime.all_reduce_mean(step_loss, dist), it + 1, out)  # all ranks stop together
+            runtime.check_finite(runtime.all_reduce_mean(step_loss, dist), done, out)  # all ranks stop together
             scaler.unscale_(optimizer)
             sums["grad_norm"] += torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm) / args.policy_steps
             scaler.step(optimizer)
@@ -588,20 +602,20 @@ def main(args: Args) -> Path:
             metrics["losses/value_loss"] = runtime.all_reduce_mean(metrics["losses/value_loss"], dist)
         metrics |= {"rewards/mean": all_rewards.mean() * reward_unit,  # in the scorer's units
                     "rewards/std": all_rewards.std(unbiased=False) * reward_unit,
-                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/buffer_size": size,
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"], "charts/buffer_size": size,
                     "charts/images": (it + 1) * args.sample_batch * dist.world_size,
                     "charts/seconds_per_iteration": time.time() - t0}
-        logger.log(metrics, it + 1)
-        if dist.is_main and ((it + 1) % args.sample_every == 0 or it + 1 == args.iterations):
-            save_samples(it + 1)
-        if (it + 1) % args.checkpoint_every == 0 or it + 1 == args.iterations:
+        logger.log(metrics, done)
+        if dist.is_main and (done % args.sample_every == 0 or done == args.steps):
+            save_samples(done)
+        if done % args.checkpoint_every == 0 or done == args.steps:
             trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
             shards = {f"{k}.rank{r}": v for k, v in buffer.items() for r, v in
                       enumerate(gather(v, dist).chunk(dist.world_size))}
             weights = {"policy": trainable, "value": value_net.state_dict(), "buffer": shards}
             extra = {"optimizer": optimizer.state_dict(), "value_optimizer": value_optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "history": history, "args": args, "pretrained": args.pretrained}
-            runtime.save_checkpoint(out, it + 1, weights, extra, generators=[gen, noise_gen], script="dpok.py")
+                     "scaler": scaler.state_dict(), "history": history, "args": args, "base_model": args.model}
+            runtime.save_checkpoint(out, done, weights, extra, generators=[gen, noise_gen], script="dpok.py")
 
     # ---- final weights in diffusers format, and the fixed-seed comparison with the base model
     if dist.is_main:
@@ -638,11 +652,11 @@ def main(args: Args) -> Path:
         result = dict(reward_base=base.mean().item(), reward_final=final.mean().item(), p_value=float(p_value),
                       kl_final=kl.mean().item(), rewards_base=base.tolist(), rewards_final=final.tolist(),
                       reward_final_policy_sampler=final_policy.mean().item(), kl_per_image=kl.tolist(),
-                      num_val=args.num_val, iterations=args.iterations, sample_steps=args.sample_steps, eta=0.0)
+                      num_validation_prompts=args.num_validation_prompts, steps=args.steps, sample_steps=args.sample_steps, eta=0.0)
         print(f"fixed-seed reward (DDIM {args.sample_steps} steps, η 0): base {result['reward_base']:.4f} -> final "
               f"{result['reward_final']:.4f} (paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}"
               f"\nload with:\n    from diffusers import StableDiffusionPipeline, UNet2DConditionModel; "
-              f'pipe = StableDiffusionPipeline.from_pretrained("{runtime.absolute(args.pretrained)}"); {load}')
+              f'pipe = StableDiffusionPipeline.from_pretrained("{runtime.absolute(args.model)}"); {load}')
         if result["reward_final"] < result["reward_base"]:  # the run exits 0 either way: say it where it is seen
             result["warning"] = (f"the trained model's reward is BELOW the base model's ({result['reward_final']:.4g}"
                                  f" < {result['reward_base']:.4g})")

@@ -1,5 +1,7 @@
 """Evaluate text-to-image models against a baseline: paired samples, scores, and honest statistics.
 
+Docs (usage, logged metrics, implementation details with sources, toy results, tests): docs/evaluate.md
+
 Every model draws the same images: prompt i, image j uses seed `seed + i + 100000 j`, so the baseline's and a
 candidate's image j of prompt i share their initial noise and differ only by the model. The prompt is the unit of
 analysis (Diffusion-DPO, DPOK and Pick-a-Pic report win rates over prompts, mostly without intervals):
@@ -46,6 +48,7 @@ import io
 import itertools
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -55,6 +58,8 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, get_args
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads sleep, not spin (README)
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -82,7 +87,7 @@ QUESTIONS = {"appeal": "Which image is more visually appealing? (the prompt is h
 @dataclass
 class Args:
     # ---- the models
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """pipeline (hub id or folder): the model named "base", and the pipeline UNet/LoRA candidates are loaded into"""
     candidates: tuple[str, ...] = ()
     """NAME=PATH or NAME=PATH1,PATH2,.. (one model trained with several seeds: the seed becomes a unit of the
@@ -109,7 +114,7 @@ class Args:
     """classifier-free guidance weight (diffusers' SD1.5 default)"""
     resolution: int | None = None
     """image side in pixels; None: the pipeline's default (512 for SD1.5)"""
-    batch_size: int = 16
+    per_device_batch: int = 16
     """images per pipeline call and per scorer call, per GPU"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
     """dtype of the weights for sampling (inference needs no fp32 master copy); "no" on a CPU"""
@@ -119,8 +124,8 @@ class Args:
     pickscore hps aesthetic clip imagereward; DPOK's: imagereward"""
     scorer_paths: tuple[str, ...] = ()
     """NAME=PATH: a scorer's weights when not its default hub id, e.g. aesthetic=sac+logos+ava1-l14-linearMSE.pth
-    reward-model=runs/reward_model-XXXX/final"""
-    scorer_clip_paths: tuple[str, ...] = ()
+    reward-model=runs/reward_model-XXXX/final; merged with the defaults (--toy: the toy world's CLIP for clip)"""
+    clip_paths: tuple[str, ...] = ()
     """NAME=PATH: a scorer's processor (clip, clip-raw, pickscore, hps), backbone (aesthetic, reward-model) or BERT
     tokenizer (imagereward), if not its default"""
     fid_reference: str | None = None
@@ -172,10 +177,19 @@ def toy_defaults() -> Args:
     prompts are few units, so each is averaged over more samples), DDIM 20 steps, η = 0 (the scripts' toy evaluations
     use the same)."""
     world = toy_world()
-    return Args(toy=True, base_model=str(world.pipeline), prompts=str(PROMPT_FILES["heldout"]), images_per_prompt=8,
-                sample_steps=20, eta=0.0, guidance_scale=5.0, resolution=world.resolution, batch_size=32,
-                mixed_precision="no", scorers=("toy", "clip"), scorer_paths=(f"clip={world.clip}",),
+    return Args(toy=True, model=str(world.pipeline), prompts=str(PROMPT_FILES["heldout"]), images_per_prompt=8,
+                sample_steps=20, eta=0.0, guidance_scale=5.0, resolution=world.resolution, per_device_batch=32,
+                mixed_precision="no", scorers=("toy", "clip"),
                 fid_reference=str(world.pretrain), rating_pairs=12)
+
+
+def toy_scorer_paths(args: Args) -> dict[str, str]:
+    """--toy: the toy world's tiny CLIP for the clip scorers. Merged under --scorer-paths rather than written into
+    its default, so naming one scorer's weights (reward-model=...) keeps the others' (else clip reaches for the hub)."""
+    if not args.toy:
+        return {}
+    clip = str(toy_world().clip)
+    return {"clip": clip, "clip-raw": clip}
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
@@ -754,7 +768,7 @@ def check_args(args: Args) -> Args:
     require(not args.ingest_ratings or args.rating_key is not None, "--ingest-ratings needs --rating-key key.json")
     require(torch.cuda.is_available() or args.mixed_precision != "fp16" or bool(args.ingest_ratings),
             "--mixed-precision fp16 needs a GPU; pass --mixed-precision no on a CPU")
-    require(args.images_per_prompt >= 1 and args.batch_size >= 1, "--images-per-prompt and --batch-size must be >= 1")
+    require(args.images_per_prompt >= 1 and args.per_device_batch >= 1, "--images-per-prompt and --per-device-batch must be >= 1")
     require(0 < args.confidence < 1, f"--confidence {args.confidence}: must be in (0, 1)")
     require(args.n_resamples >= 100, f"--n-resamples {args.n_resamples}: BCa needs at least a few hundred")
     require(args.rating_pairs >= 0 and args.grid_rows >= 1, "--rating-pairs must be >= 0 and --grid-rows >= 1")
@@ -766,8 +780,8 @@ def check_args(args: Args) -> Args:
     require(args.fid_reference is None or args.toy or args.inception_path is not None,
             "--fid-reference needs --inception-path (a local inception-2015-12-05.pt); we never download it")
     require(len(set(args.scorers)) == len(args.scorers), f"--scorers {args.scorers}: a scorer listed twice")
-    for spec in args.scorer_paths + args.scorer_clip_paths:
-        require(spec.partition("=")[0] in get_args(ScorerName), f"--scorer-(clip-)paths {spec!r}: expected NAME=PATH "
+    for spec in args.scorer_paths + args.clip_paths:
+        require(spec.partition("=")[0] in get_args(ScorerName), f"--scorer-paths / --clip-paths {spec!r}: expected NAME=PATH "
                 f"with NAME one of {get_args(ScorerName)}")
     if args.toy and not args.candidates and not args.ingest_ratings:
         run = REPO / "runs" / "evaluate-toy-dpo"  # a cache: trained once, reused by later --toy evaluations
@@ -783,7 +797,7 @@ def check_args(args: Args) -> Args:
 def parse_candidates(args: Args) -> dict[str, list[Model]]:
     """{arm: [its runs]}: "base" (the --base-model), then each NAME=PATH[,PATH..] of --candidates. A run of an arm
     with several seeds is named NAME_runS (its images' folder); an arm of one run keeps the arm's name."""
-    arms = {"base": [Model("base", args.base_model)]}
+    arms = {"base": [Model("base", args.model)]}
     for spec in args.candidates:
         name, sep, paths = spec.partition("=")
         require(sep == "=" and re.fullmatch(r"[\w.-]+", name) is not None and "_run" not in name,
@@ -791,7 +805,7 @@ def parse_candidates(args: Args) -> dict[str, list[Model]]:
         require(name not in arms, f"--candidates: the name {name!r} is given twice (or is 'base')")
         runs = [p for p in paths.split(",") if p]
         require(len(runs) >= 1, f"--candidates {spec!r}: no path")
-        arms[name] = [resolve_model(name if len(runs) == 1 else f"{name}_run{s}", p, args.base_model)
+        arms[name] = [resolve_model(name if len(runs) == 1 else f"{name}_run{s}", p, args.model)
                       for s, p in enumerate(runs)]
     require(len(arms) >= 2, "--candidates: give at least one model to compare with the base")
     return arms
@@ -856,7 +870,7 @@ def main(args: Args) -> dict:
     if dist.is_main:
         write_args(out, args)
         print(f"{len(models)} models ({len(arms)} arms) x {n} prompts x {k} images = {len(models) * n * k} images "
-              f"({dist.world_size} process(es), {args.batch_size} per call), DDIM {args.sample_steps} steps, η "
+              f"({dist.world_size} process(es), {args.per_device_batch} per call), DDIM {args.sample_steps} steps, η "
               f"{args.eta:g}; {len(comparisons)} comparisons x {len(args.scorers)} metrics, Holm across all "
               f"{len(comparisons) * len(args.scorers)}; {args.n_resamples} bootstrap resamples per interval")
         for m in models:
@@ -883,9 +897,9 @@ def main(args: Args) -> dict:
     for model in [m for m in models if todo[m]]:
         pipe = load_pipeline(model, dtype, dist.device)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # every model on one sampler, with η
-        for start in tqdm(range(0, len(todo[model]), args.batch_size), desc=f"sampling {model.name}",
+        for start in tqdm(range(0, len(todo[model]), args.per_device_batch), desc=f"sampling {model.name}",
                           disable=not dist.is_main):
-            batch = todo[model][start : start + args.batch_size]
+            batch = todo[model][start : start + args.per_device_batch]
             # CPU generators: the same initial noise on any GPU or CPU, so images are comparable across machines.
             generators = [torch.Generator().manual_seed(args.seed + i + 100_000 * j) for i, j in batch]
             images = pipe([prompts[i] for i, _ in batch], num_inference_steps=args.sample_steps, eta=args.eta,
@@ -901,12 +915,13 @@ def main(args: Args) -> dict:
         return {}
 
     # ---- 2. score every image from its PNG, so a resumed run scores exactly what a fresh one does
-    paths = dict(spec.split("=", 1) for spec in args.scorer_paths)
-    clip_paths = dict(spec.split("=", 1) for spec in args.scorer_clip_paths)
+    paths = {**toy_scorer_paths(args), **dict(spec.split("=", 1) for spec in args.scorer_paths)}
+    clip_paths = dict(spec.split("=", 1) for spec in args.clip_paths)
     scorers = {s: load_scorer(s, paths.get(s), clip_path=clip_paths.get(s), device=dist.device,
-                              batch_size=args.batch_size) for s in args.scorers}
+                              flags=(f"--scorer-paths {s}=PATH", f"--clip-paths {s}=PATH"),
+                              batch_size=args.per_device_batch) for s in args.scorers}
     embed, feature_extractor = load_embedder(args, dist.device) if args.toy or args.inception_path else (None, None)
-    ref = reference_stats(args.fid_reference, embed, args.batch_size, out) if embed and args.fid_reference else None
+    ref = reference_stats(args.fid_reference, embed, args.per_device_batch, out) if embed and args.fid_reference else None
     scores = {m.name: {s: np.zeros((n, k)) for s in scorers} for m in models}  # run -> metric -> (n, k)
     results = dict(n_prompts=n, images_per_prompt=k, seed=args.seed, sample_steps=args.sample_steps, eta=args.eta,
                    confidence=args.confidence, feature_extractor=feature_extractor, baseline=args.baseline,
@@ -915,8 +930,8 @@ def main(args: Args) -> dict:
     feature_dim = None
     for model in models:
         feats, probs = [], []
-        for start in tqdm(range(0, len(items), args.batch_size), desc=f"scoring {model.name}"):
-            batch = items[start : start + args.batch_size]
+        for start in tqdm(range(0, len(items), args.per_device_batch), desc=f"scoring {model.name}"):
+            batch = items[start : start + args.per_device_batch]
             images = load_images([image_path(out, model.name, i, j) for i, j in batch])
             pixels = torch.from_numpy(np.stack(images)).to(dist.device).permute(0, 3, 1, 2).float() / 255  # (B,3,H,W)
             for s, scorer in scorers.items():

@@ -1,5 +1,7 @@
 """A reward model of human preferences: an MLP on frozen CLIP image and text embeddings.
 
+Docs (usage, logged metrics, implementation details with sources, toy results, tests): docs/reward_model.md
+
 DPOK's custom reward (Fan et al. 2023, https://arxiv.org/abs/2305.16381) and the reward of Lee et al. 2023
 ("Aligning Text-to-Image Models using Human Feedback", https://arxiv.org/abs/2302.12192):
 
@@ -65,6 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads sleep, not spin (README)
+
 import numpy as np
 import torch
 import torch.distributed as tdist
@@ -100,7 +104,7 @@ class Args:
     max_broken_fraction: float = 0.01
     """rows with unusable labels or ranks (null, non-numeric, out of range) are skipped and counted up to this
     fraction of a split; above it the run stops, naming the column (common/data.py)"""
-    max_train_pairs: int | None = None
+    max_pairs: int | None = None
     """use at most this many training pairs per dataset (None: all)"""
     keep_ties: bool = False
     """pairwise: train on tied pairs with target 0.5 (PickScore does; ImageReward skips them). Evaluation drops ties"""
@@ -380,7 +384,7 @@ def pair_set(name: str, split: str, args: Args, dist, device, train: bool) -> di
     """Embedded preference pairs: img table, w/l/t indices (P,), y targets (P,); pairs with a broken image dropped."""
     source = dataset_sources(args)[name]
     keep_ties = args.keep_ties and train
-    max_pairs = args.max_train_pairs if train else None
+    max_pairs = args.max_pairs if train else None
     pairs = load_pairs(name, source, split, keep_ties=keep_ties, max_pairs=max_pairs,
                        max_broken=args.max_broken_fraction)
     if isinstance(pairs, PickapicPairs):  # read the caption column alone: a row also holds two encoded images

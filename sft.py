@@ -1,6 +1,8 @@
 """Supervised baselines for aligning Stable Diffusion 1.5 or SDXL: SFT on preferred images, and reward-weighted
 fine-tuning.
 
+Docs (usage, logged metrics, implementation details with sources, toy results, tests): docs/sft.md
+
 `--data preferred`: Diffusion-DPO's SFT baseline (Wallace et al. 2023, https://arxiv.org/abs/2311.12908; the official
 train.py `--sft`): the plain denoising loss on the winner of every Pick-a-Pic v2 pair, ties dropped.
 
@@ -47,6 +49,8 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads sleep, not spin (README)
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.stats
@@ -427,7 +431,8 @@ def main(args: Args) -> dict:
                                   text_encoders=text_encoders,
                                   scheduler=ddim_sampler(noise_scheduler.config))
     scorer = None if args.scorer == "none" else load_scorer(args.scorer, args.scorer_path, clip_path=args.clip_path,
-                                                            device=device, dtype=weight_dtype)
+                                                            device=device, dtype=weight_dtype,
+                                                            flags=("--scorer-path", "--clip-path"))
     prompts = load_prompts(args.prompts) if args.data == "generated" or args.num_validation_prompts else []
     grid_prompts = prompts[:args.num_validation_prompts]
 

@@ -6,7 +6,7 @@ This file only calls the scripts, in the order a researcher would (CleanRL's ben
     1. reward_model.py    fit r_φ on ImageRewardDB's rankings (Bradley-Terry)                        -> rm/final
     2. per seed s in --seeds, the four arms, each on the same data:
        dpo    diffusion_dpo.py --dataset imagereward                  Diffusion-DPO on the comparisons
-       dpok   dpok.py --reward reward-model --reward-path rm/final    DPOK on the fitted reward
+       dpok   dpok.py --scorer reward-model --scorer-path rm/final    DPOK on the fitted reward
        sft    sft.py --data preferred --dataset imagereward           SFT on the preferred images
        rwsft  sft.py --data generated --scorer reward-model --reg kl  reward-weighted SFT with the KL regulariser
     3. evaluate.py        every arm (its seeds as units) against the base and against each other, on prompts no arm
@@ -108,9 +108,9 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
             "dpo": run("diffusion_dpo.py") + base + model + s + [
                 "--dataset", "imagereward", "--dataset-source", data] + (["--steps", "3", "--eval-pairs", "16",
                                                                          "--reward-seeds", "1"] if ci else []),
-            "dpok": run("dpok.py") + base + (["--pretrained", args.model] if not toy else []) + s + [
-                "--reward", "reward-model", "--reward-path", str(rm / "final"), "--prompts", train_prompts] +
-                (["--iterations", "1", "--num-val", "12"] if ci else []),
+            "dpok": run("dpok.py") + base + model + s + [
+                "--scorer", "reward-model", "--scorer-path", str(rm / "final"), "--prompts", train_prompts] +
+                (["--steps", "2", "--num-validation-prompts", "12"] if ci else []),
             "sft": run("sft.py") + base + model + s + [
                 "--data", "preferred", "--dataset", "imagereward", "--dataset-source", data] +
                 (["--steps", "3", "--reward-seeds", "1"] if ci else []),
@@ -131,7 +131,7 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
         evaluate += ["--images-per-prompt", "2", "--n-resamples", "500", "--set-resamples", "30",
                      "--rating-pairs", "4"] if ci else []
     else:
-        evaluate += ["--base-model", args.model, "--prompts", args.prompts, "--scorers", "clip", "pickscore",
+        evaluate += ["--model", args.model, "--prompts", args.prompts, "--scorers", "clip", "pickscore",
                      "reward-model", "--scorer-paths", f"reward-model={rm / 'final'}"]
         evaluate += ["--fid-reference", args.fid_reference] if args.fid_reference else []
         evaluate += ["--inception-path", args.inception_path] if args.inception_path else []
@@ -169,7 +169,7 @@ def report(args: Args, out: Path, steps, timings: dict) -> str:
               "| run | reward | base | final | p | warning |", "|---|---|---|---|---|---|"]
     for name, _, done in steps[1:-1]:
         e, run_args = json.loads(done.read_text()), json.loads((done.parent / "args.json").read_text())
-        reward = run_args.get("reward") or run_args.get("scorer") or "toy"  # dpok --reward, sft --scorer, dpo: toy
+        reward = run_args.get("scorer") or "toy"  # dpok and sft: --scorer; dpo: the toy reward
         base, final = e.get("reward_base", e.get("eval/reward_base")), e.get("reward_final", e.get("eval/reward_final"))
         p_run = e.get("p_value", e.get("eval/reward_pvalue"))
         show = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731

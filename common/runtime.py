@@ -53,12 +53,6 @@ class Dist:
 def setup_distributed() -> Dist:
     """One process per GPU under `torchrun` (it sets RANK/WORLD_SIZE/LOCAL_RANK); otherwise a single process."""
     use_cuda = torch.cuda.is_available()
-    if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
-        # On a CPU (the toy world), one intra-op thread per process unless OMP_NUM_THREADS says otherwise. torch's
-        # default (one per core) spins its threads waiting for each other and collapses when anything else uses
-        # the cores: a 20-step toy diffusion_dpo.py run next to other jobs took 29-41 s with 1 thread and
-        # 163-260 s with 2 (docs/performance figures; the toy models are too small to gain from more threads).
-        torch.set_num_threads(1)
     if "WORLD_SIZE" not in os.environ:
         return Dist(0, 1, 0, torch.device("cuda" if use_cuda else "cpu"))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

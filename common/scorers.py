@@ -573,8 +573,11 @@ ScorerName = Literal["toy", "clip", "clip-raw", "pickscore", "hps", "imagereward
 
 
 def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | None = None,
-                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 64) -> Scorer:
+                device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 64,
+                flags: tuple[str, str] = ("path=", "clip_path=")) -> Scorer:
     """A scorer `(images (N, 3, H, W) in [0, 1], prompts) -> (N,) float32` on the images' device.
+    Weights that cannot be loaded (offline and no local copy, a wrong folder) raise an OSError that names `flags`,
+    the caller's spelling of `path` and `clip_path` (e.g. ("--scorer-path", "--clip-path")).
 
     name="toy":          path ignored.
     name="clip", "clip-raw": path = the CLIPModel (default openai/clip-vit-large-patch14); clip_path = its processor
@@ -592,6 +595,17 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
     The backbones run in `dtype` on `device` (float16/bfloat16 on a GPU is fine); the heads and the scores stay
     float32.
     """
+    try:
+        scorer = _build_scorer(name, path, clip_path, dtype, batch_size)
+    except OSError as e:  # transformers / huggingface_hub: not a local folder, and the hub is unreachable or lacks it
+        raise OSError(f"scorer {name!r} could not load its weights (path {path or 'None: the hub default'}, "
+                      f"processor/backbone {clip_path or 'the default'}): {str(e).splitlines()[0][:300]}\n"
+                      f"Offline, pass local copies with {flags[0]} (weights) and {flags[1]} (processor or "
+                      "backbone)") from e
+    return scorer.to(device).eval().requires_grad_(False)
+
+
+def _build_scorer(name: str, path: str | None, clip_path: str | None, dtype: torch.dtype, batch_size: int):
     if name == "toy":
         scorer: nn.Module = ToyScorer()
     elif name in ("clip", "clip-raw"):
@@ -631,4 +645,4 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
         scorer = RewardModelScore(backbone, head, batch_size)
     else:
         raise ValueError(f"unknown scorer {name!r}; expected one of {', '.join(get_args(ScorerName))}")
-    return scorer.to(device).eval().requires_grad_(False)
+    return scorer

@@ -47,6 +47,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: idle threads sleep, not spin (README)
+
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -64,7 +64,7 @@ def test_sample_records_the_gaussian_log_prob_of_each_transition():
     density of each drawn x_{t-1} under diffusers' DDIM mean and σ_t, averaged over C, H, W."""
     T, w = 6, 5.0
     sch, t, ab, ab_prev = schedule(T)
-    args = dpok.Args(num_steps=T, guidance_scale=w, eta=1.0)
+    args = dpok.Args(rollout_steps=T, guidance_scale=w, eta=1.0)
     emb = torch.randn(6, 5, 7)  # [uncond; cond] for N = 3
     g = torch.Generator().manual_seed(1)
     unet = FakeUNet()
@@ -147,19 +147,19 @@ def test_per_prompt_advantages_match_ddpo_stat_tracker():
 
 
 def test_guard_rails_name_the_flag():
-    with pytest.raises(ValueError, match="--reward-path"):
-        dpok.main(dpok.Args(reward="reward-model", reward_path=None))
-    with pytest.raises(ValueError, match="--reward-path '/no/ImageReward.pt' does not exist"):
-        dpok.main(dpok.Args(reward="imagereward", reward_path="/no/ImageReward.pt"))
+    with pytest.raises(ValueError, match="--scorer-path"):
+        dpok.main(dpok.Args(scorer="reward-model", scorer_path=None))
+    with pytest.raises(ValueError, match="--scorer-path '/no/ImageReward.pt' does not exist"):
+        dpok.main(dpok.Args(scorer="imagereward", scorer_path="/no/ImageReward.pt"))
     with pytest.raises(ValueError, match="--eta"):
-        dpok.main(dpok.Args(reward="toy", eta=0.0))
+        dpok.main(dpok.Args(scorer="toy", eta=0.0))
     with pytest.raises(ValueError, match="--buffer-size"):
-        dpok.main(dpok.Args(reward="toy", buffer_size=10))
+        dpok.main(dpok.Args(scorer="toy", buffer_size=10))
 
 
-TINY = ["--lora-rank", "4", "--lr", "1e-3", "--sample-batch", "4", "--num-steps", "3", "--buffer-size", "24",
+TINY = ["--lora-rank", "4", "--learning-rate", "1e-3", "--sample-batch", "4", "--rollout-steps", "3", "--buffer-size", "24",
         "--policy-steps", "2", "--policy-batch", "4", "--grad-accum", "2", "--value-steps", "2", "--value-batch", "8",
-        "--num-val", "2", "--sample-every", "100", "--checkpoint-every", "1"]
+        "--num-validation-prompts", "2", "--sample-every", "100", "--checkpoint-every", "2"]
 
 
 def run(tmp_path, name, *flags):
@@ -178,9 +178,9 @@ def test_lora_resume_continues_exactly_and_saves_loadable_lora(world, tmp_path):
     UNet is the base model again (the KL's reference, no second copy)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    whole = run(tmp_path, "whole", *TINY, "--iterations", "2")
-    run(tmp_path, "cut", *TINY, "--iterations", "1")
-    cut = run(tmp_path, "cut", *TINY, "--iterations", "2", "--resume", str(tmp_path / "cut"))
+    whole = run(tmp_path, "whole", *TINY, "--steps", "4")
+    run(tmp_path, "cut", *TINY, "--steps", "2")
+    cut = run(tmp_path, "cut", *TINY, "--steps", "4", "--resume")
     assert metrics(cut) == metrics(whole)
     assert json.loads((cut / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
 
@@ -249,8 +249,8 @@ def test_imagereward_reward_end_to_end_with_gradients_to_the_lora(world, tmp_pat
     (tmp_path / "ir" / "med_config.json").write_text(json.dumps(dict(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=vocab,
         max_position_embeddings=40)))
-    out = run(tmp_path, "ir_run", *TINY, "--iterations", "1", "--reward", "imagereward",
-              "--reward-path", str(tmp_path / "ir"), "--reward-clip-path", str(tmp_path / "tok"))
+    out = run(tmp_path, "ir_run", *TINY, "--steps", "2", "--scorer", "imagereward",
+              "--scorer-path", str(tmp_path / "ir"), "--clip-path", str(tmp_path / "tok"))
     (row,) = metrics(out)
     assert math.isfinite(row["losses/loss"]) and row["charts/grad_norm"] > 0
     lora = load_file(str(out / "final" / "lora" / "pytorch_lora_weights.safetensors"))
@@ -269,8 +269,8 @@ def test_reward_scale_base_makes_training_independent_of_the_rewards_units(world
 
     def runs(factor: float, *flags):
         monkeypatch.setattr(dpok, "load_scorer", lambda *a, **k: (lambda im, p, s=load(*a, **k): factor * s(im, p)))
-        out = run(tmp_path, f"x{factor}{''.join(flags)}", "--iterations", "1", "--num-val", "8", "--sample-every", "1",
-                  "--checkpoint-every", "1", "--kl-coef", "1", *flags)
+        out = run(tmp_path, f"x{factor}{''.join(flags)}", "--steps", "2", "--num-validation-prompts", "8", "--sample-every", "2",
+                  "--checkpoint-every", "2", "--kl-coef", "1", *flags)
         return metrics(out)[0], json.loads((out / "eval.json").read_text())
 
     (m1, e1), (m250, e250) = runs(1.0), runs(250.0)

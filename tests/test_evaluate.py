@@ -520,12 +520,12 @@ def test_one_run_reports_the_papers_columns(world, tmp_path):
         {"model_cfg": {"vision_cfg": {"head_width": 16}, "text_cfg": {"heads": 4}}}))
     out = tmp_path / "eval"
     cmd = [sys.executable, str(REPO / "evaluate.py"), "--toy", "--candidates", f"again={world.pipeline}",
-           "--output-dir", str(out), "--max-prompts", "4", "--images-per-prompt", "1", "--num-inference-steps", "2",
+           "--output-dir", str(out), "--max-prompts", "4", "--images-per-prompt", "1", "--sample-steps", "2",
            "--fid-reference", "None", "--rating-pairs", "0", "--n-resamples", "200",
            "--scorers", "toy", "clip", "imagereward", "hps",
            "--scorer-paths", f"clip={world.clip}", f"imagereward={tmp_path / 'ImageReward.pt'}",
            f"hps={tmp_path / 'hps'}",
-           "--scorer-clip-paths", f"imagereward={tmp_path / 'tok'}", f"hps={world.clip}"]
+           "--clip-paths", f"imagereward={tmp_path / 'tok'}", f"hps={world.clip}"]
     subprocess.run(cmd, check=True, cwd=REPO)
     results = json.loads((out / "results.json").read_text())
     (c,) = results["comparisons"]
@@ -535,3 +535,27 @@ def test_one_run_reports_the_papers_columns(world, tmp_path):
         assert c["metrics"][name]["ci_diff"][0] == pytest.approx(0, abs=1e-6), name
     report = (out / "report.md").read_text()
     assert "| imagereward |" in report and "| hps |" in report
+
+
+def test_scorer_paths_merge_with_the_toy_defaults_and_offline_errors_name_the_flag(world, tmp_path):
+    """`--toy --scorer-paths reward-model=...` keeps the toy's CLIP for the clip score (a given --scorer-paths used to
+    replace the toy's `clip=` default, and the CLIP scorer then reached for the hub); a scorer whose weights would
+    come from the hub fails offline with an error naming the flag to pass."""
+    from common.scorers import RewardMLP, save_reward_model
+
+    torch.manual_seed(0)
+    save_reward_model(tmp_path / "rm", RewardMLP(32), dict(clip=str(world.clip), embed_dim=32, hidden_dim=512,
+                                                           num_hidden_layers=3))
+    quick = ["--toy", "--candidates", f"same={world.pipeline}", "--max-prompts", "2", "--sample-steps", "2",
+             "--rating-pairs", "0", "--fid-reference", "None", "--n-resamples", "200"]
+    out = tmp_path / "ev"
+    evaluate.main(evaluate.check_args(evaluate.parse_args([
+        *quick, "--scorers", "clip", "reward-model", "--scorer-paths", f"reward-model={tmp_path / 'rm'}",
+        "--output-dir", str(out)])))
+    results = json.loads((out / "results.json").read_text())
+    clip = np.array(results["runs"]["base"]["per_image"]["clip"])
+    assert clip.shape == (2, 8) and np.isfinite(clip).all() and clip.max() > 0  # the tiny CLIP's score, offline
+    assert np.isfinite(results["runs"]["same"]["per_image"]["reward-model"]).all()
+    with pytest.raises(OSError, match=r"--scorer-paths pickscore=PATH"):
+        evaluate.main(evaluate.check_args(evaluate.parse_args([*quick, "--scorers", "pickscore",
+                                                               "--output-dir", str(tmp_path / "offline")])))

@@ -411,12 +411,12 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def kill_during_checkpoint(script: str, kill_at: int, argv: list[str], out: Path) -> None:
+def kill_during_checkpoint(script: str, kill_at: int, argv: list[str], out: Path, every: int = 1) -> None:
     proc = subprocess.run([sys.executable, "-c", DRIVER, script, str(kill_at), *argv], cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-3000:]
     checkpoints = out / "checkpoints"
-    assert (checkpoints / "latest").read_text() == f"step_{kill_at - 1:07d}"
+    assert (checkpoints / "latest").read_text() == f"step_{kill_at - every:07d}"
     assert (checkpoints / f".tmp-step_{kill_at:07d}").is_dir()  # the half-written one, passed over on resume
     assert not (out / "final").exists()
 
@@ -449,19 +449,19 @@ def run_load_line(stdout: str, marker: str, cwd: Path) -> None:
 def test_kill9_dpok_resumes_to_the_uninterrupted_result(world, tmp_path, capsys):
     import dpok
 
-    kill_at = random.randint(2, 4)
-    tiny = ["--toy", "--lora-rank", "4", "--lr", "1e-3", "--sample-batch", "4", "--num-steps", "3", "--buffer-size",
+    kill_at = 2 * random.randint(2, 4)  # a checkpoint every iteration of 2 policy steps
+    tiny = ["--toy", "--lora-rank", "4", "--learning-rate", "1e-3", "--sample-batch", "4", "--rollout-steps", "3", "--buffer-size",
             "24", "--policy-steps", "2", "--policy-batch", "4", "--grad-accum", "2", "--value-steps", "2",
-            "--value-batch", "8", "--num-val", "2", "--sample-every", "100", "--checkpoint-every", "1",
-            "--iterations", "5"]
+            "--value-batch", "8", "--num-validation-prompts", "2", "--sample-every", "100", "--checkpoint-every", "2",
+            "--steps", "10"]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     dpok.main(dpok.parse_args([*tiny, "--output-dir", str(whole)]))
     printed = capsys.readouterr().out
-    kill_during_checkpoint("dpok.py", kill_at, [*tiny, "--output-dir", str(cut)], cut)
-    dpok.main(dpok.parse_args([*tiny, "--output-dir", str(cut), "--resume", str(cut)]))
+    kill_during_checkpoint("dpok.py", kill_at, [*tiny, "--output-dir", str(cut)], cut, every=2)
+    dpok.main(dpok.parse_args([*tiny, "--output-dir", str(cut), "--resume"]))
     train = lambda out: [r for r in jsonl(out / "metrics.jsonl", "charts/seconds_per_iteration")  # noqa: E731
                          if "losses/loss" in r]
-    assert_same_rows(train(cut), train(whole), f"killed at iteration {kill_at}")
+    assert_same_rows(train(cut), train(whole), f"killed at step {kill_at}")
     assert json.loads((cut / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
     lora = Path("final/lora/pytorch_lora_weights.safetensors")
     assert_same_weights(whole / lora, cut / lora)
