@@ -74,7 +74,7 @@ from common.runtime import barrier, cleanup_distributed, require, save_image_gri
 from common.scorers import ScorerName, load_scorer
 from common.toy import PROMPT_FILES
 from common.toy import PROMPTS as TOY_PROMPTS
-from common.toy import toy_world
+from common.toy import toy_model_in, toy_sdxl_pipeline, toy_world
 
 REPO = Path(__file__).resolve().parent
 # toy, clip, clip-raw, pickscore, hps, imagereward, aesthetic, reward-model: see common/scorers.py
@@ -169,15 +169,18 @@ class Args:
     """prompts (rows) in grid.png"""
     toy: bool = False
     """the offline toy world (common/toy.py) with CPU-sized defaults; flags given as well still win"""
+    toy_model: Literal["sd15", "sdxl"] = "sd15"
+    """with --toy: the SD1.5-shaped toy pipeline or the SDXL-shaped one (common/toy.py toy_sdxl_pipeline) as base"""
 
 
-def toy_defaults() -> Args:
+def toy_defaults(toy_model: str = "sd15") -> Args:
     """--toy: the toy base, the held-out toy prompts (common/toy.py HELDOUT_PROMPTS: the study never trains on them),
     the toy reward and tiny CLIP as scorers, the toy pretraining images as FID reference (8 images per prompt: 12
     prompts are few units, so each is averaged over more samples), DDIM 20 steps, η = 0 (the scripts' toy evaluations
     use the same)."""
     world = toy_world()
-    return Args(toy=True, model=str(world.pipeline), prompts=str(PROMPT_FILES["heldout"]), images_per_prompt=8,
+    return Args(toy=True, toy_model=toy_model, model=str(world.pipeline if toy_model == "sd15" else toy_sdxl_pipeline()),
+                prompts=str(PROMPT_FILES["heldout"]), images_per_prompt=8,
                 sample_steps=20, eta=0.0, guidance_scale=5.0, resolution=world.resolution, per_device_batch=32,
                 mixed_precision="no", scorers=("toy", "clip"),
                 fid_reference=str(world.pretrain), rating_pairs=12)
@@ -195,7 +198,7 @@ def toy_scorer_paths(args: Args) -> dict[str, str]:
 def parse_args(argv: list[str] | None = None) -> Args:
     """tyro over Args; with --toy the toy defaults replace Args' defaults, so flags given still win."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    return tyro.cli(Args, args=argv, default=toy_defaults() if "--toy" in argv else None)
+    return tyro.cli(Args, args=argv, default=toy_defaults(toy_model_in(argv)) if "--toy" in argv else None)
 
 
 # ------------------------------------------------------------------------------------------------ the statistics
@@ -784,11 +787,14 @@ def check_args(args: Args) -> Args:
         require(spec.partition("=")[0] in get_args(ScorerName), f"--scorer-paths / --clip-paths {spec!r}: expected NAME=PATH "
                 f"with NAME one of {get_args(ScorerName)}")
     if args.toy and not args.candidates and not args.ingest_ratings:
-        run = REPO / "runs" / "evaluate-toy-dpo"  # a cache: trained once, reused by later --toy evaluations
+        # a cache: trained once, reused by later --toy evaluations
+        run = REPO / "runs" / ("evaluate-toy-dpo" + ("" if args.toy_model == "sd15" else f"-{args.toy_model}"))
         if not (run / "final" / "unet").is_dir():
-            print(f"no candidate given: training one with `python diffusion_dpo.py --toy --output-dir {run}`")
-            subprocess.run([sys.executable, str(REPO / "diffusion_dpo.py"), "--toy", "--output-dir", str(run),
-                            "--overwrite"], check=True, cwd=REPO)  # replaces the debris of an interrupted training
+            print(f"no candidate given: training one with `python diffusion_dpo.py --toy --toy-model {args.toy_model} "
+                  f"--output-dir {run}`")
+            subprocess.run([sys.executable, str(REPO / "diffusion_dpo.py"), "--toy", "--toy-model", args.toy_model,
+                            "--output-dir", str(run), "--overwrite"], check=True, cwd=REPO)  # replaces the debris of
+            #                                                                         an interrupted training
         args = replace(args, candidates=(f"dpo={run}",))
     default_dir = REPO / "runs" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}"
     return replace(args, output_dir=args.output_dir or str(default_dir))

@@ -11,6 +11,7 @@ import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -197,3 +198,21 @@ def test_toy_reward_weighted_sft_on_sdxl_raises_reward(sdxl, tmp_path):
     summary = sft.main(sft.parse_args(["--toy", "--toy-model", "sdxl", "--output-dir", str(tmp_path / "run"),
                                        "--generated-dir", str(tmp_path / "generated")]))
     assert summary["eval/reward_final"] > summary["eval/reward_base"] and summary["eval/reward_pvalue"] < 0.01, summary
+
+
+def test_evaluate_toy_model_sdxl_samples_the_sdxl_pipeline(sdxl, tmp_path):
+    """`evaluate.py --toy --toy-model sdxl`: the toy SDXL pipeline is the base, sampled through StableDiffusionXLPipeline
+    with the toy evaluation's settings, and scored like any other model."""
+    import evaluate
+
+    args = evaluate.parse_args(["--toy", "--toy-model", "sdxl", "--candidates", f"same={sdxl}", "--max-prompts", "2",
+                                "--images-per-prompt", "2", "--sample-steps", "3", "--scorers", "toy",
+                                "--rating-pairs", "0", "--fid-reference", "None", "--n-resamples", "200",
+                                "--output-dir", str(tmp_path / "ev")])
+    assert Path(args.model).resolve() == Path(sdxl).resolve()
+    assert isinstance(evaluate.load_pipeline(evaluate.Model("base", args.model), torch.float32, torch.device("cpu")),
+                      StableDiffusionXLPipeline)
+    evaluate.main(evaluate.check_args(args))
+    runs = json.loads((tmp_path / "ev" / "results.json").read_text())["runs"]
+    base, same = (np.array(runs[m]["per_image"]["toy"]) for m in ("base", "same"))
+    assert base.shape == (2, 2) and np.allclose(base, same)  # the same pipeline, the same seeds: the same images
