@@ -435,33 +435,38 @@ def build(root: Path, seed: int = 0, vae_steps: int = 700, unet_steps: int = 100
                                                    build_seconds=round(time.time() - t0, 1))))
 
 
-def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
-    """The toy world at `root` (default `$TOY_WORLD_DIR` or the shipped `<repo>/toy_world`), built if missing.
-
-    Safe to call from several processes at once (pytest workers, torchrun ranks): one builds, under a file lock,
-    into a temporary folder that is renamed into place when complete; the others wait and reuse it.
-    """
+def built_once(root: Path, version: str, what: str, build_into) -> Path:
+    """`root`, built by `build_into(tmp_folder)` unless its world.json already has `version`. Safe to call from
+    several processes at once (pytest workers, torchrun ranks): one builds, under a file lock, into a temporary
+    folder that is renamed into place when complete; the others wait and reuse it."""
     from filelock import FileLock
 
-    root = Path(root or os.environ.get("TOY_WORLD_DIR") or DEFAULT_ROOT).resolve()
     stamp = root / "world.json"
 
     def ready() -> bool:
-        return stamp.exists() and json.loads(stamp.read_text()).get("version") == VERSION
+        return stamp.exists() and json.loads(stamp.read_text()).get("version") == version
 
     if not ready():
         root.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root) + ".lock"):
             if not ready():
-                print(f"building the toy world in {root} (about four minutes on 2 idle CPU cores)...", flush=True)
+                print(f"building {what} in {root}...", flush=True)
                 tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
                 shutil.rmtree(tmp, ignore_errors=True)
                 threads = torch.get_num_threads()
-                build(tmp, seed=seed)
+                build_into(tmp)
                 torch.set_num_threads(threads)
                 shutil.rmtree(root, ignore_errors=True)
                 os.replace(tmp, root)
-    return ToyWorld(root=root)
+    return root
+
+
+def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
+    """The toy world at `root` (default `$TOY_WORLD_DIR` or the shipped `<repo>/toy_world`), built if missing
+    (process-safe: `built_once`)."""
+    root = Path(root or os.environ.get("TOY_WORLD_DIR") or DEFAULT_ROOT).resolve()
+    return ToyWorld(root=built_once(root, VERSION, "the toy world (about four minutes on 2 idle CPU cores)",
+                                    lambda tmp: build(tmp, seed=seed)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -576,28 +581,10 @@ def toy_model_in(argv: list[str]) -> str:
 def toy_sdxl_pipeline(root: str | os.PathLike | None = None, seed: int = 0) -> Path:
     """The toy SDXL pipeline folder (`$TOY_SDXL_DIR`, default the shipped `<repo>/toy_world_sdxl`, + /pipeline), built on first
     use (a few CPU-minutes: 1000 UNet steps) from the SD1.5 toy world, whose data sets it shares. Process-safe as toy_world."""
-    from filelock import FileLock
-
     world = toy_world()
     root = Path(root or os.environ.get("TOY_SDXL_DIR") or DEFAULT_SDXL_ROOT).resolve()
-    stamp = root / "world.json"
-
-    def ready() -> bool:
-        return stamp.exists() and json.loads(stamp.read_text()).get("version") == SDXL_VERSION
-
-    if not ready():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root) + ".lock"):
-            if not ready():
-                print(f"building the toy SDXL pipeline in {root} (once; a few minutes)...", flush=True)
-                tmp = root.with_name(root.name + f".tmp-{os.getpid()}")
-                shutil.rmtree(tmp, ignore_errors=True)
-                threads = torch.get_num_threads()
-                build_sdxl(tmp, world, seed=seed)
-                torch.set_num_threads(threads)
-                shutil.rmtree(root, ignore_errors=True)
-                os.replace(tmp, root)
-    return root / "pipeline"
+    return built_once(root, SDXL_VERSION, "the toy SDXL pipeline (a few minutes)",
+                      lambda tmp: build_sdxl(tmp, world, seed=seed)) / "pipeline"
 
 
 if __name__ == "__main__":
