@@ -801,7 +801,7 @@ def check_args(args: Args) -> Args:
 
 
 def parse_candidates(args: Args) -> dict[str, list[Model]]:
-    """{arm: [its runs]}: "base" (the --base-model), then each NAME=PATH[,PATH..] of --candidates. A run of an arm
+    """{arm: [its runs]}: "base" (the --model), then each NAME=PATH[,PATH..] of --candidates. A run of an arm
     with several seeds is named NAME_runS (its images' folder); an arm of one run keeps the arm's name."""
     arms = {"base": [Model("base", args.model)]}
     for spec in args.candidates:

@@ -23,7 +23,7 @@ evaluation, --gpus per step through torchrun; the scripts' own defaults (the pap
 Usage:
     python benchmarks/study.py                                   # toy, 3 seeds per arm, CPU
     python benchmarks/study.py --budget ci --seeds 0 1           # the reduced budget of the CI test
-    python benchmarks/study.py --mode real --imagereward-source /data/ImageRewardDB --gpus 8 \\
+    python benchmarks/study.py --mode real --dataset-source /data/ImageRewardDB --gpus 8 \\
         --fid-reference /data/coco_val2014 --inception-path ~/inception-2015-12-05.pt
 A step whose output exists is skipped (run the same command again to resume after a failure).
 """
@@ -62,7 +62,7 @@ class Args:
     """real: GPUs per step (torchrun --nproc_per_node); 1 runs plain python"""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """real: the base pipeline"""
-    imagereward_source: str = "THUDM/ImageRewardDB"
+    dataset_source: str = "THUDM/ImageRewardDB"
     """real: ImageRewardDB as a local folder (metadata-train.parquet gives DPOK's and rwsft's prompts)"""
     prompts: str = "partiprompts"
     """real: the held-out evaluation prompts (evaluate.py --prompts)"""
@@ -95,8 +95,8 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
     run = lambda script: ([sys.executable] if args.gpus == 1 else  # noqa: E731
                           ["torchrun", f"--nproc_per_node={args.gpus}"]) + [str(REPO / script)]
     base = ["--toy"] if toy else []
-    data = str(toy_training_data(out)) if toy else args.imagereward_source
-    train_prompts = str(PROMPT_FILES["train"]) if toy else f"{args.imagereward_source}/metadata-train.parquet"
+    data = str(toy_training_data(out)) if toy else args.dataset_source
+    train_prompts = str(PROMPT_FILES["train"]) if toy else f"{args.dataset_source}/metadata-train.parquet"
     rm = out / "rm"
     steps = [("reward model", run("reward_model.py") + base + [
         "--dataset", "imagereward", "--dataset-source", f"imagereward={data}", "--output-dir", str(rm),
@@ -185,8 +185,8 @@ def report(args: Args, out: Path, steps, timings: dict) -> str:
 
 def main(args: Args) -> Path:
     require(len(args.seeds) >= 1 and len(set(args.seeds)) == len(args.seeds), f"--seeds {args.seeds}: distinct")
-    require(args.mode == "toy" or Path(args.imagereward_source).is_dir(),
-            f"--imagereward-source {args.imagereward_source}: --mode real needs a local ImageRewardDB folder")
+    require(args.mode == "toy" or Path(args.dataset_source).is_dir(),
+            f"--dataset-source {args.dataset_source}: --mode real needs a local ImageRewardDB folder")
     out = Path(args.output_dir).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
     steps = commands(args, out)
