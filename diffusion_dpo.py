@@ -69,7 +69,8 @@ from common import kernels
 from common.data import (EpochPairs, PairDataset, build_latent_cache, cached_batch, collate_pairs, collate_skip_none,
                          has_heldout_split, load_pairs, load_prompts, micro_batches, relabel_pairs, score_pairs)
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
-                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            below_base_warning, check_finite, check_model_path, check_resolution, check_resume_args,
+                            cleanup_distributed,
                             load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, load_vae,
@@ -632,10 +633,9 @@ def main(args: Args) -> dict:
                             "eval/reward_win_rate": (final > base).float().mean().item(),
                             "eval/reward_pvalue": p_value, "eval/reward_samples": len(prompts),
                             "reward_test": "Wilcoxon signed-rank, two-sided, paired by prompt and seed"})
-        if "eval/reward_final" in summary and summary["eval/reward_final"] < summary["eval/reward_base"]:
-            summary["warning"] = (f"the trained model's toy reward is BELOW the base model's "
-                                  f"({summary['eval/reward_final']:.4g} < {summary['eval/reward_base']:.4g})")
-            print(f"WARNING: {summary['warning']}", file=sys.stderr)  # exit 0 either way; say it loudly
+        if "eval/reward_final" in summary and (warning := below_base_warning(
+                summary["eval/reward_final"], summary["eval/reward_base"], "toy reward")):
+            summary["warning"] = warning
         logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print((f"held-out implicit accuracy {summary['eval/implicit_acc']:.3f} on {summary['eval/pairs']} pairs"

@@ -657,10 +657,8 @@ def main(args: Args) -> Path:
               f"{result['reward_final']:.4f} (paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}"
               f"\nload with:\n    from diffusers import StableDiffusionPipeline, UNet2DConditionModel; "
               f'pipe = StableDiffusionPipeline.from_pretrained("{runtime.absolute(args.model)}"); {load}')
-        if result["reward_final"] < result["reward_base"]:  # the run exits 0 either way: say it where it is seen
-            result["warning"] = (f"the trained model's reward is BELOW the base model's ({result['reward_final']:.4g}"
-                                 f" < {result['reward_base']:.4g})")
-            print(f"WARNING: {result['warning']}", file=sys.stderr)
+        if warning := runtime.below_base_warning(result["reward_final"], result["reward_base"]):
+            result["warning"] = warning
         (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n")
     logger.close()
     runtime.barrier()

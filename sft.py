@@ -73,7 +73,8 @@ from common import kernels
 from common.data import (Pair, decode_image, flip_decision, flip_seed, load_captioned_images, load_pairs, load_prompts,
                          micro_batches, preprocess)
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
-                            check_finite, check_model_path, check_resolution, check_resume_args, cleanup_distributed,
+                            below_base_warning, check_finite, check_model_path, check_resolution, check_resume_args,
+                            cleanup_distributed,
                             load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.models import (all_timesteps, ddim_sampler, is_turbo, load_text_encoders, load_vae, make_pipeline,
@@ -651,10 +652,9 @@ def main(args: Args) -> dict:
             logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
             print(f"{args.scorer} reward of fixed-seed samples: base {summary['eval/reward_base']:.4g} -> "
                   f"trained {summary['eval/reward_final']:.4g} (Wilcoxon p = {p_value:.2g}, {len(prompts_k)} samples)")
-            if summary["eval/reward_final"] < summary["eval/reward_base"]:  # exit 0 either way; say it loudly
-                summary["warning"] = (f"the trained model's {args.scorer} reward is BELOW the base model's "
-                                      f"({summary['eval/reward_final']:.4g} < {summary['eval/reward_base']:.4g})")
-                print(f"WARNING: {summary['warning']}", file=sys.stderr)
+            if warning := below_base_warning(summary["eval/reward_final"], summary["eval/reward_base"],
+                                             f"{args.scorer} reward"):
+                summary["warning"] = warning
         summary["skipped_images_total"] = skipped_total
         (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"load the result with:\n    {load}")

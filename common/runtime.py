@@ -437,6 +437,16 @@ def absolute(path: str | Path) -> str:
     return str(Path(path).expanduser().resolve()) if Path(path).expanduser().exists() else str(path)
 
 
+def below_base_warning(final: float, base: float, reward: str = "reward") -> str | None:
+    """A training run exits 0 even when it made the model worse; this says so where it is seen (stderr, and the
+    returned message for eval.json) when the trained model's mean `reward` is below the base model's."""
+    if final >= base:
+        return None
+    message = f"the trained model's {reward} is BELOW the base model's ({final:.4g} < {base:.4g})"
+    print(f"WARNING: {message}", file=sys.stderr)
+    return message
+
+
 def check_finite(loss: torch.Tensor | float, step: int, output_dir: str | Path | None = None) -> None:
     """Stop on a NaN/inf loss before it reaches a checkpoint. Reads the value back to the host, so it waits for
     the GPU: call it on log steps or after accumulation, on the all-reduced loss so every rank stops together."""
