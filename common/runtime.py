@@ -259,7 +259,7 @@ def _load_one(path: Path, script: str | None) -> tuple[int, dict[str, dict[str, 
 # Flags that may change between a run and its --resume: how long, where, how often to log or save, and how fast.
 # Everything else defines the run (data, model, seed, batch, learning rate...) and must match.
 RESUME_MAY_CHANGE = frozenset({
-    "resume", "stop_at_step", "steps", "iterations", "epochs", "output_dir", "overwrite", "toy", "num_workers",
+    "resume", "stop_at_step", "steps", "output_dir", "overwrite", "toy", "num_workers",
     "log_every", "checkpoint_every", "sample_every", "eval_every", "compile", "compile_unet",
     "gradient_checkpointing", "cache_dir", "cache_latents", "embed_batch_size"})
 
