@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-VERSION = "1"  # bump when the world changes, so stale caches are rebuilt
+VERSION = "2"  # bump when the world changes, so stale caches are rebuilt
 RESOLUTION = 32
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "toy_world"  # shipped with the project
 
@@ -304,7 +304,7 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
+def _write_datasets(root: Path, rng: random.Random, seed: int, scale: float = 1.0) -> None:
     n_ = lambda n: max(8, int(n * scale))  # noqa: E731  (scale < 1: the reduced build of the tests)
     reward = lambda img, p: float(toy_reward(to_tensor([img]), [p])[0])  # noqa: E731
     # Pick-a-Pic v2: pairs of images for one caption; the "human" prefers the higher toy reward, a tie when the
@@ -324,7 +324,12 @@ def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
                 are_different=True, model_0="toy", model_1="toy",
             ))
         _write_parquet(rows, root / "pickapic" / split / "part-0.parquet")
-    # ImageRewardDB: a prompt with several images ranked 1 (best) .. k; equal rounded rewards share a rank.
+    # ImageRewardDB: a prompt with several images ranked 1 (best) .. k; equal rounded rewards share a rank. As in the
+    # real data (images of one prompt from several generators, some off the prompt), one or two images per prompt
+    # are drawn in a wrong colour and rank last: without them a reward model fitted here learns size but not colour,
+    # and DPOK on it paints bigger shapes in the wrong colour (docs/dpok.md, "On a learned reward"). They come from
+    # their own generator, so the other data sets are the same as in version 1 of the world.
+    off_prompt = random.Random(f"{seed}-imagereward-wrong-colour")
     for split, n_prompts in (("train", n_(300)), ("validation", n_(40)), ("test", n_(40))):
         rows, part = [], f"{split}_1"
         zpath = root / "imagereward" / "images" / split / f"{part}.zip"
@@ -333,6 +338,8 @@ def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
             for j in range(n_prompts):
                 p = rng.choice(PROMPTS)
                 imgs = [draw(p, rng) for _ in range(rng.randint(4, 6))]
+                wrong = [c for c in COLORS if c != parse_prompt(p)[0]]
+                imgs += [draw(p, off_prompt, color=off_prompt.choice(wrong)) for _ in range(off_prompt.randint(1, 2))]
                 scores = [round(reward(im, p), 2) for im in imgs]
                 distinct = sorted(set(scores), reverse=True)
                 for k, (im, sc) in enumerate(zip(imgs, scores)):
@@ -429,7 +436,7 @@ def build(root: Path, seed: int = 0, vae_steps: int = 700, unet_steps: int = 100
     clip.save_pretrained(root / "clip")
     processor.save_pretrained(root / "clip")
 
-    _write_datasets(root, rng, data_scale)
+    _write_datasets(root, rng, seed, data_scale)
     log("data sets written")
     (root / "world.json").write_text(json.dumps(dict(version=VERSION, seed=seed, data_scale=data_scale,
                                                    build_seconds=round(time.time() - t0, 1))))
