@@ -19,7 +19,9 @@ un-blinds it with the key; per criterion, comparison (A, B) and pair i = 1..n:
     x_i = mean over raters of 1 (A chosen), 1/2 (tie), 0 (B chosen)
     W   = (1/n) sum_i x_i                 A's win rate, with a BCa bootstrap interval over the n pairs
     sign test:  #{x_i > 1/2} ~ Binomial(#{x_i != 1/2}, 1/2) under H0;   Wilcoxon signed-rank test of the x_i - 1/2
-    Holm across every criterion x comparison;   Fleiss' kappa over {A, tie, B}, per criterion and per cell
+    Holm across every criterion x comparison of the ratings, per test
+    Fleiss' kappa = (P_bar - P_e) / (1 - P_e) over the categories {A, tie, B}, per criterion and per cell: P_bar the
+        mean agreement of an item's raters, P_e the agreement chance gives (fleiss_kappa has the formula)
 
 A rater who answered more than --max-attention-failures check questions with anything but tie (default 0) is
 excluded from the statistics; every rater's failures are reported either way. The intervals and tests are
@@ -31,9 +33,9 @@ Usage:
     python rating_kit.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
     python rating_kit.py --ingest-ratings ratings-*.json --rating-key runs/evaluate-XXXX/rating_kit/key.json \
         --max-attention-failures None                                # keep every rater
+    # the same ingest through evaluate.py (its --ingest-ratings calls write_ratings below):
     python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
-                                                                     # the same ingest, through evaluate.py
-Both write ratings.json and ratings.md beside the key.
+Each writes ratings.json and ratings.md beside the key.
 """
 
 import base64
@@ -50,6 +52,9 @@ import tyro
 from PIL import Image
 
 from common.runtime import require
+
+# The statistics of evaluate.py's report, so human and automated win rates are computed alike. The import runs one
+# way: evaluate.py imports this file inside its main, not at its top.
 from evaluate import bca_interval, fmt, holm, image_path, sign_test, wilcoxon_test
 
 
@@ -70,7 +75,8 @@ class Args:
     """seed of the bootstrap"""
 
 
-# The questions, in evaluate.py's --rating-criteria (its Criterion); "appeal" hides the prompt on the page.
+# The question of each criterion that evaluate.py's --rating-criteria can name (its Criterion), asked in the order
+# given; "appeal" hides the prompt on the page.
 QUESTIONS = {"appeal": "Which image is more visually appealing? (the prompt is hidden: judge the image alone)",
              "alignment": "Which image fits the text better?",
              "overall": "Which image do you prefer overall, for this text?"}
@@ -141,6 +147,9 @@ def fleiss_kappa(counts: np.ndarray) -> float:
 
         P_i = (sum_c n_ic^2 - n_i) / (n_i (n_i - 1)),  P_bar = mean_i P_i,  p_c = sum_i n_ic / sum_i n_i,
         P_e = sum_c p_c^2,  kappa = (P_bar - P_e) / (1 - P_e)
+
+    P_i is the fraction of item i's rater pairs that agree; 1 is perfect agreement, 0 what chance gives. NaN when
+    no item has two raters, or every judgement falls in one category (P_e = 1).
     """
     counts = np.asarray(counts, dtype=np.float64)
     counts = counts[counts.sum(axis=1) >= 2]
