@@ -98,7 +98,9 @@ def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str
     """rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
     asked every criterion), and rating_kit/key.json (the truth; its kit_id is a hash of its content).
     Per comparison (A, B): n_pairs distinct prompts, each with a random image j of a random run (seed) of each arm,
-    plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question)."""
+    plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question).
+    arms: {arm: [its runs' names]}; image j of prompt i of a run is read from out/images/<run>/, where evaluate.py
+    draws it (image_path), and k is the images per prompt."""
     rng = random.Random(seed)
     pairs, pages = [], []
     for c, (a, b) in enumerate(comparisons):
