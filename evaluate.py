@@ -26,10 +26,11 @@ clean-fid's functions on clean-fid's TorchScript Inception (https://github.com/G
 bootstrap interval over the images; the report warns when a sample is too small (FID below 2,048 images) or counts
 differ. Every model samples with DDIM (--sample-steps, --eta), the training scripts' toy evaluations likewise.
 
-A double-blind human rating kit is written next to the scores (rating_kit/page_NN.html, one per comparison, each pair
-asked per criterion: visual appeal with the prompt hidden, prompt alignment, overall preference; attention-check
-pairs; rating_kit/key.json, whose kit id hashes its content) and ingested back into win rates per criterion and
-comparison with the same intervals and tests, Holm across them, and Fleiss' kappa per criterion.
+A double-blind human rating kit (rating_kit.py; docs/rating_kit.md) is written next to the scores:
+rating_kit/page_NN.html, one per comparison, each pair asked per criterion (visual appeal with the prompt hidden,
+prompt alignment, overall preference), with attention-check pairs, and rating_kit/key.json. --ingest-ratings turns
+the raters' files into win rates per criterion and comparison with this file's intervals and tests, Holm across
+them, and Fleiss' kappa per criterion.
 
 Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX sft=runs/sft-XXXX/final/lora \
@@ -42,14 +43,10 @@ Usage:
     python evaluate.py --toy            # the toy base against a toy diffusion_dpo.py run (trained first if missing)
 """
 
-import base64
-import hashlib
-import io
 import itertools
 import json
 import math
 import os
-import random
 import re
 import subprocess
 import sys
@@ -78,10 +75,7 @@ from common.toy import toy_model_in, toy_sdxl_pipeline, toy_world
 
 REPO = Path(__file__).resolve().parent
 # toy, clip, clip-raw, pickscore, hps, imagereward, aesthetic, reward-model: see common/scorers.py
-Criterion = Literal["appeal", "alignment", "overall"]
-QUESTIONS = {"appeal": "Which image is more visually appealing? (the prompt is hidden: judge the image alone)",
-             "alignment": "Which image fits the text better?",
-             "overall": "Which image do you prefer overall, for this text?"}
+Criterion = Literal["appeal", "alignment", "overall"]  # the rating kit's questions: rating_kit.QUESTIONS
 
 
 @dataclass
@@ -142,7 +136,7 @@ class Args:
     set_resamples: int = 200
     """bootstrap resamples (over images) per interval of FID, KID and IS; each recomputes the metric (FID: a 2048x2048
     matrix square root, about a second on a CPU)"""
-    # ---- the human rating kit
+    # ---- the report
     summary_against: tuple[str, ...] = ()
     """arms whose win rates the report's first table lists besides the baseline's (the study: dpo)"""
     # ---- the human rating kit
@@ -159,7 +153,8 @@ class Args:
     """at ingest, exclude a rater who answered more than this many attention-check questions wrongly (reported
     either way); None: keep every rater"""
     ingest_ratings: tuple[str, ...] = ()
-    """rater files saved by the kit: only un-blind them with --rating-key (ratings.json and .md beside the key)"""
+    """rater files saved by the kit: only un-blind them with --rating-key (ratings.json and .md beside the key), as
+    `python rating_kit.py` does"""
     rating_key: str | None = None
     """the kit's key.json, for --ingest-ratings"""
     # ---- the run
@@ -315,23 +310,6 @@ def compare(runs_a: np.ndarray, runs_b: np.ndarray, confidence: float, n_resampl
         return dict(paired_comparison(runs_a[0], runs_b[0], confidence, n_resamples, seed), seeds_a=1, seeds_b=1,
                     interval="BCa bootstrap over prompts")
     return seeds_comparison(runs_a, runs_b, confidence, n_resamples, seed)
-
-
-def fleiss_kappa(counts: np.ndarray) -> float:
-    """Fleiss' kappa of counts (N items, K categories): counts[i, c] = raters who put item i in category c. Items
-    rated by n_i >= 2 raters count; with equal n_i this is Fleiss (1971):
-
-        P_i = (sum_c n_ic^2 - n_i) / (n_i (n_i - 1)),  P_bar = mean_i P_i,  p_c = sum_i n_ic / sum_i n_i,
-        P_e = sum_c p_c^2,  kappa = (P_bar - P_e) / (1 - P_e)
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    counts = counts[counts.sum(axis=1) >= 2]
-    if len(counts) == 0:
-        return math.nan
-    n_i = counts.sum(axis=1)
-    p_bar = ((counts**2).sum(axis=1) - n_i) / (n_i * (n_i - 1))
-    p_e = ((counts.sum(axis=0) / n_i.sum()) ** 2).sum()
-    return float((p_bar.mean() - p_e) / (1 - p_e)) if p_e < 1 else math.nan
 
 
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
@@ -536,143 +514,6 @@ def reference_stats(source: str, embed, batch_size: int, out: Path) -> dict:
     return ref
 
 
-# ------------------------------------------------------------------------------------------------ the rating kit
-
-
-def kit_hash(key: dict) -> str:
-    """The kit id: a hash of everything the key says (criteria, comparisons, every pair's models, sides, images), so
-    a key edited after the kit was sent (sides swapped, say) no longer matches the raters' files."""
-    content = {k: key[k] for k in ("criteria", "comparisons", "pairs")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str, str]], arms: dict[str, list[str]],
-                      k: int, n_pairs: int, seed: int, criteria: tuple[str, ...] = ("appeal", "alignment", "overall"),
-                      attention_checks: int = 2, pixelated: bool = False) -> Path:
-    """rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
-    asked every criterion), and rating_kit/key.json (the truth; its kit_id is a hash of its content).
-    Per comparison (A, B): n_pairs distinct prompts, each with a random image j of a random run (seed) of each arm,
-    plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question)."""
-    rng = random.Random(seed)
-    pairs, pages = [], []
-    for c, (a, b) in enumerate(comparisons):
-        page, rows = f"page_{c + 1:02d}", []
-        for i in rng.sample(range(len(prompts)), min(n_pairs, len(prompts))):
-            j, run_a, run_b = rng.randrange(k), rng.choice(arms[a]), rng.choice(arms[b])
-            left, right = (run_a, run_b) if rng.random() < 0.5 else (run_b, run_a)
-            rows.append(dict(page=page, prompt_idx=i, image=j, prompt=prompts[i], a=a, b=b, left=left, right=right,
-                             check=False))
-        for _ in range(attention_checks):
-            i, run = rng.randrange(len(prompts)), rng.choice(arms[rng.choice((a, b))])
-            rows.append(dict(page=page, prompt_idx=i, image=rng.randrange(k), prompt=prompts[i], a=a, b=b, left=run,
-                             right=run, check=True))
-        rng.shuffle(rows)
-        for n, row in enumerate(rows):
-            row["id"] = f"{page}-q{n:03d}"  # ids say nothing about the models
-        pairs += rows
-        pages.append(dict(page=page, a=a, b=b))
-    key = dict(criteria=list(criteria), comparisons=[list(c) for c in comparisons], pages=pages, pairs=pairs)
-    key = dict(kit_id=kit_hash(key), **key)
-
-    def data_uri(run: str, row: dict) -> str:
-        buf = io.BytesIO()  # JPEG keeps a 100-pair kit of 512 px images near 10 MB; the PNGs stay on disk
-        Image.open(image_path(out, run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-
-    kit = out / "rating_kit"
-    kit.mkdir(parents=True, exist_ok=True)
-    html = (REPO / "common" / "rating_kit.html").read_text()
-    for p in pages:
-        page = dict(kit_id=key["kit_id"], page=p["page"], pixelated=pixelated,
-                    questions=[dict(id=c, text=QUESTIONS[c], hide_prompt=c == "appeal") for c in criteria],
-                    pairs=[dict(id=r["id"], prompt=r["prompt"], left=data_uri(r["left"], r),
-                                right=data_uri(r["right"], r)) for r in pairs if r["page"] == p["page"]])
-        # "<" as \u003c: no prompt text can close the <script> element that holds the JSON
-        (kit / f"{p['page']}.html").write_text(html.replace("__KIT_JSON__", json.dumps(page).replace("<", "\\u003c")))
-    (kit / "key.json").write_text(json.dumps(key, indent=1))
-    return kit
-
-
-def read_rater_file(file: str, key: dict, pairs: dict) -> dict:
-    """One rater file as the kit saves it, checked: {kit_id, page, rater, choices: {pair id: {criterion: side}}}.
-    Every defect is an error that names the file (a broken or foreign file must never reach the table)."""
-    try:
-        record = json.loads(Path(file).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not a rater file the kit saved (unreadable or not JSON: {e})") from None
-    require(isinstance(record, dict), f"{file}: expected a JSON object with kit_id, rater and choices")
-    require(record.get("kit_id") == key["kit_id"],
-            f"{file}: kit_id {record.get('kit_id')!r} is not this key's {key['kit_id']!r} (another kit?)")
-    choices = record.get("choices")
-    require(isinstance(choices, dict), f"{file}: 'choices' is missing or not an object of pair id -> answers")
-    require(len(choices) > 0, f"{file}: no choices (an empty rating file; the ratings table is left as it was)")
-    for pid, answer in choices.items():
-        require(pid in pairs, f"{file}: pair {pid!r} is not in the key")
-        require(isinstance(answer, dict) and set(answer) <= set(key["criteria"]) and
-                all(v in ("left", "right", "tie") for v in answer.values()),
-                f"{file}: pair {pid!r}: expected {{criterion: left|right|tie}} over {key['criteria']}, got {answer!r}")
-    rater = record.get("rater") or Path(file).stem
-    require(isinstance(rater, str), f"{file}: 'rater' must be a name")
-    return dict(rater=rater, choices=choices)
-
-
-def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: float, n_resamples: int, seed: int,
-                   max_attention_failures: int | None = 0) -> dict:
-    """Un-blind every rater's choices with the key. Per criterion, comparison (A, B) and pair i, x_i = mean over the
-    raters of 1 (A chosen), 1/2 (tie), 0 (B chosen); the win rate mean_i x_i gets a BCa interval over pairs, the sign
-    test counts pairs with x_i > 1/2 against x_i < 1/2, Wilcoxon tests x_i - 1/2, Holm runs across every criterion x
-    comparison; Fleiss' kappa over {A, tie, B} per criterion (all comparisons' pairs) and per cell. Attention-check
-    pairs (one image on both sides) must be answered tie: a rater with more wrong answers than
-    max_attention_failures is excluded (None: nobody), and every rater's failures are reported."""
-    key = json.loads(Path(key_path).read_text())
-    require(kit_hash(key) == key.get("kit_id"), f"{key_path}: its content does not hash to its kit_id "
-            f"{key.get('kit_id')!r}: the key was edited after the kit was made; use the key the kit was made with")
-    pairs, criteria = {row["id"]: row for row in key["pairs"]}, key["criteria"]
-    answers: dict[str, dict[str, dict]] = {}  # rater -> pair id -> {criterion: side}
-    for file in rater_files:
-        r = read_rater_file(file, key, pairs)
-        mine = answers.setdefault(r["rater"], {})
-        require(not set(mine) & set(r["choices"]), f"{file}: rater {r['rater']!r} answered these pairs in another "
-                "file too (the same file given twice?)")
-        mine |= r["choices"]
-    failures = {rater: sum(v != "tie" for pid, a in mine.items() if pairs[pid]["check"] for v in a.values())
-                for rater, mine in answers.items()}
-    checks = {rater: sum(len(a) for pid, a in mine.items() if pairs[pid]["check"]) for rater, mine in answers.items()}
-    excluded = [r for r, f in failures.items() if max_attention_failures is not None and f > max_attention_failures]
-    raters = [r for r in answers if r not in excluded]
-    require(raters, f"every rater failed the attention checks ({failures}); nothing to report")
-    results, kappas = [], {}
-    for crit in criteria:
-        votes: dict[str, dict[str, float]] = {}  # pair id -> rater -> 1 (A chosen), 1/2 (tie), 0 (B chosen)
-        for rater in raters:
-            for pid, answer in answers[rater].items():
-                row = pairs[pid]
-                if row["check"] or crit not in answer:
-                    continue
-                run = {"left": row["left"], "right": row["right"], "tie": None}[answer[crit]]  # un-blinded
-                votes.setdefault(pid, {})[rater] = 0.5 if run is None else float(run.partition("_run")[0] == row["a"])
-        all_counts = []
-        for a, b in key["comparisons"]:
-            ids = [pid for pid, r in pairs.items() if (r["a"], r["b"]) == (a, b) and pid in votes]
-            x = np.array([np.mean(list(votes[pid].values())) for pid in ids])  # (pairs rated,)
-            if len(x) == 0:
-                continue
-            counts = np.array([[sum(v == c for v in votes[pid].values()) for c in (1.0, 0.5, 0.0)] for pid in ids])
-            all_counts.append(counts)
-            wins, ties, losses, p_sign = sign_test(x - 0.5)
-            results.append(dict(criterion=crit, a=a, b=b, n_pairs=len(x), n_judgements=int(counts.sum()),
-                                win_rate=float(x.mean()), ci_win=bca_interval(x, confidence, n_resamples, seed),
-                                wins=wins, ties=ties, losses=losses, p_sign=p_sign, p_wilcoxon=wilcoxon_test(x - 0.5),
-                                fleiss_kappa=fleiss_kappa(counts)))
-        kappas[crit] = fleiss_kappa(np.concatenate(all_counts)) if all_counts else math.nan
-    for test in ("p_sign", "p_wilcoxon"):
-        for c, adjusted in zip(results, holm([c[test] for c in results])):
-            c[test + "_holm"] = adjusted
-    return dict(kit_id=key["kit_id"], criteria=criteria, raters=raters, excluded=excluded,
-                attention=dict(failures=failures, checks=checks, max_failures=max_attention_failures),
-                fleiss_kappa=kappas, comparisons=results)
-
-
 # ------------------------------------------------------------------------------------------------ reporting
 
 
@@ -743,24 +584,6 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
                          f"{m['is_splits'][0]:.4g} ± {m['is_splits'][1]:.2g} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def ratings_markdown(r: dict) -> str:
-    lines = [f"# Human ratings: {len(r['raters'])} raters ({', '.join(r['raters'])})", ""]
-    att = r["attention"]
-    lines += ["Attention checks (one image on both sides; every answer should be tie): " + ", ".join(
-        f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" for rater in att["failures"]) +
-        (f"; excluded (more than {att['max_failures']} wrong): {', '.join(r['excluded'])}" if r["excluded"] else ""),
-        "", "Fleiss' kappa per criterion (all comparisons): " + ", ".join(
-        f"{c} {k:.3f}" for c, k in r["fleiss_kappa"].items()), "",
-        "| criterion | A vs B | pairs | judgements | A win rate [CI] | W/T/L (pairs) | sign p (Holm) | Wilcoxon p "
-        "(Holm) | Fleiss' kappa |", "|---|---|---|---|---|---|---|---|---|"]
-    for c in r["comparisons"]:
-        lines.append(f"| {c['criterion']} | {c['a']} vs {c['b']} | {c['n_pairs']} | {c['n_judgements']} | "
-                     f"{fmt(c['win_rate'], c['ci_win'])} | {c['wins']}/{c['ties']}/{c['losses']} | "
-                     f"{c['p_sign']:.3g} ({c['p_sign_holm']:.3g}) | {c['p_wilcoxon']:.3g} ({c['p_wilcoxon_holm']:.3g})"
-                     f" | {c['fleiss_kappa']:.3f} |")
-    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -853,15 +676,12 @@ def sample_warnings(results: dict, arms: dict[str, list[Model]], feature_dim: in
 
 
 def main(args: Args) -> dict:
+    import rating_kit  # the human rating kit; imported here, not at the top, because it imports this file's statistics
+
     args = check_args(args)
-    if args.ingest_ratings:  # ---- un-blind the raters' files; no sampling, no scoring
-        result = ingest_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples, args.seed,
-                                args.max_attention_failures)
-        out = Path(args.rating_key).parent
-        (out / "ratings.json").write_text(json.dumps(result, indent=1) + "\n")
-        (out / "ratings.md").write_text(ratings_markdown(result))
-        print(ratings_markdown(result) + f"\nwrote {out / 'ratings.json'} and {out / 'ratings.md'}")
-        return result
+    if args.ingest_ratings:  # ---- un-blind the raters' files (rating_kit.py); no sampling, no scoring
+        return rating_kit.write_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples,
+                                        args.seed, args.max_attention_failures)
 
     dist = setup_distributed()
     out = Path(args.output_dir)
@@ -991,9 +811,9 @@ def main(args: Args) -> dict:
     save_image_grid(headers + [t.resize((side, side)) for t in tiles], out / "grid.png", nrow=len(order),
                     captions=captions, upscale=max(1, 128 // side))
     if args.rating_pairs:
-        kit = export_rating_kit(out, prompts, comparisons, {a: [m.name for m in r] for a, r in arms.items()}, k,
-                                args.rating_pairs, args.seed, args.rating_criteria, args.attention_checks,
-                                pixelated=side < 128)
+        names = {a: [m.name for m in r] for a, r in arms.items()}
+        kit = rating_kit.export_rating_kit(out, prompts, comparisons, names, k, args.rating_pairs, args.seed,
+                                           args.rating_criteria, args.attention_checks, pixelated=side < 128)
         print(f"rating kit: send the pages in {kit} (page_*.html) to the raters, keep {kit / 'key.json'}; then run\n"
               f"  python evaluate.py --ingest-ratings <their files> --rating-key {kit / 'key.json'}")
     print(report + f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'grid.png'}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("diffusion_dpo", "dpok", "sft", "reward_model", "evaluate")
+SCRIPTS = ("diffusion_dpo", "dpok", "sft", "reward_model", "evaluate", "rating_kit")
 
 
 def vocabulary() -> list[dict]:
@@ -52,3 +52,8 @@ def test_every_script_uses_the_shared_flag_name(row, helps):
     for name in SCRIPTS:
         used = [f for f in row["banned"] if f in helps[name]]
         assert not used, f"{name}.py spells '{row['concept']}' as {used}; the table says {row['flags']}"
+
+
+def test_rating_kit_speaks_evaluates_words(helps):
+    """rating_kit.py is evaluate.py's --ingest-ratings on its own: every flag it has is evaluate.py's flag of that name."""
+    assert helps["rating_kit"] and helps["rating_kit"] <= helps["evaluate"], helps["rating_kit"] - helps["evaluate"]
