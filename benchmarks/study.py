@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow.parquet as pq
 import tyro
 
@@ -139,6 +140,46 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
     return steps
 
 
+def per_run_table(results: dict, seeds: tuple[int, ...]) -> list[str]:
+    """Every training run against the base on the held-out prompts, images as units: the mean of each metric, base ->
+    run, and the two-sided Wilcoxon p over the n x k fixed-seed images (paired by prompt and seed), not corrected.
+    The summary above treats seeds as units; this asks of each seed alone whether it moved the model."""
+    from evaluate import wilcoxon_test
+
+    base = results["runs"]["base"]["per_image"]
+    metrics = list(base)
+    lines = ["## Each run against the base on the held-out prompts (images as units, uncorrected)", "",
+             f"Mean over the {results['n_prompts']} x {results['images_per_prompt']} held-out fixed-seed images, base "
+             "-> run, and the two-sided Wilcoxon signed-rank p over those images paired by prompt and seed.", "",
+             "| run | " + " | ".join(f"{m} base -> run (p)" for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for arm, runs in results["arms"].items():
+        for seed, run in zip(seeds if len(runs) > 1 else (None,), runs):
+            if arm == "base":
+                continue
+            cells = []
+            for m in metrics:
+                a, b = np.asarray(base[m]).ravel(), np.asarray(results["runs"][run]["per_image"][m]).ravel()
+                cells.append(f"{a.mean():.4g} -> {b.mean():.4g} ({wilcoxon_test(b - a):.2g})")
+            lines.append(f"| {arm}" + (f" seed {seed}" if seed is not None else "") + " | " + " | ".join(cells) + " |")
+    return lines
+
+
+def proxy_agreement(results: dict) -> list[str]:
+    """How well the learned reward ranks what the base model draws, by the true toy reward: Spearman's ρ between the
+    two over each held-out prompt's k images, averaged over prompts (toy only; DPOK climbs the learned reward, so
+    where the two disagree it makes the model worse by the true one: docs/dpok.md, "On a learned reward")."""
+    import scipy.stats
+
+    base = results["runs"]["base"]["per_image"]
+    if not {"toy", "reward-model"} <= set(base):
+        return []
+    rho = [scipy.stats.spearmanr(t, r).statistic for t, r in zip(base["toy"], base["reward-model"])]
+    rho = np.asarray(rho)[np.isfinite(rho)]
+    return [f"The learned reward against the true toy reward on the base model's held-out images: Spearman's ρ within "
+            f"a prompt (over its {results['images_per_prompt']} images) {rho.mean():.2f} on average over "
+            f"{len(rho)} prompts (lowest {rho.min():.2f}).", ""]
+
+
 def report(args: Args, out: Path, steps, timings: dict) -> str:
     """report.md: the question and verdict, evaluate.py's report (its first table answers the question), each
     training run's own base-vs-final check, what ran and how long it took."""
@@ -163,6 +204,7 @@ def report(args: Args, out: Path, steps, timings: dict) -> str:
              "images with the KL regulariser.", ""]
     evaluation = (out / "evaluate" / "report.md").read_text()
     lines += [evaluation.split("\n", 1)[1].strip(), ""]  # its title is replaced by this report's
+    lines += per_run_table(results, args.seeds) + [""] + proxy_agreement(results)
     lines += ["## Each training run's own check (its eval.json: the reward of fixed-seed samples, base -> final)", "",
               "The script's own test: dpok a one-sided paired t-test, the others a two-sided Wilcoxon test; each on "
               "its own validation prompts (evaluate.py's held-out prompts are in the tables above).", "",

@@ -5,9 +5,9 @@ Hugging Face hub, and a newcomer wants to watch a method work in two minutes fir
 and runs its *real* code path on this world: the same diffusers/transformers classes loaded with the same
 `from_pretrained(path)` calls, the same dataset layouts read by the same loaders, only smaller.
 
-The world ships with the project, in `toy_world/` (about 8 MB, versioned in git): a fresh clone trains at once,
+The world ships with the project, in `toy_world/` (about 11 MB, versioned in git): a fresh clone trains at once,
 and every machine starts from the same bytes, so the toy figures in the docs come back. `$TOY_WORLD_DIR` points
-elsewhere. The builder stays: `python -m common.toy --rebuild` rebuilds it from its seed (about four minutes on 2
+elsewhere. The builder stays: `python -m common.toy --rebuild` rebuilds it from its seed (about five minutes on 2
 idle CPU cores; the result differs in the last bits between CPUs and thread counts, which is why we ship it), and
 `toy_world()` builds a missing world on first use.
 
@@ -19,7 +19,8 @@ idle CPU cores; the result differs in the last bits between CPUs and thread coun
     pickapic/      Pick-a-Pic v2 layout: {train,validation,test}/part-0.parquet with caption, jpg_0, jpg_1 (encoded
                    bytes), label_0, label_1 (1/0, 0/1 or 0.5/0.5 for a tie), image_0_uid, image_1_uid, ...
     imagereward/   ImageRewardDB layout: metadata-{split}.parquet (image_path, prompt_id, prompt, rank: 1 is best,
-                   ties allowed) and images/{split}/{split}_1.zip with members {split}_1/<id>.png.
+                   ties allowed) and images/{split}/{split}_1.zip with members {split}_1/<id>.png. As in the real
+                   one, the images are samples of the model itself (several sampler settings), not drawings.
     binary/        Lee et al. 2023 layout: {train,validation}.parquet with prompt, image (bytes), label (1 good, 0 bad).
     pretrain.parquet   unlabelled image-caption pairs (caption, image bytes), for SFT's pre-training regulariser.
     prompts.txt    the toy prompt set, one per line.
@@ -54,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-VERSION = "2"  # bump when the world changes, so stale caches are rebuilt
+VERSION = "3"  # bump when the world changes, so stale caches are rebuilt
 RESOLUTION = 32
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / "toy_world"  # shipped with the project
 
@@ -304,7 +305,51 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
-def _write_datasets(root: Path, rng: random.Random, seed: int, scale: float = 1.0) -> None:
+def _write_imagereward(root: Path, pipe, seed: int, scale: float = 1.0) -> None:
+    """ImageRewardDB: images of a prompt ranked by people, 1 (best) .. k; equal rounded rewards share a rank.
+
+    As in the real one, the images are the generators' own: here the toy model's samples for the prompt, each with a
+    sampler setting of its own (DDIM 5, 10 or 20 steps, η 0 or 1, guidance 3, 5 or 7.5, as the real data mixes
+    models and settings), ranked by the toy reward. A reward model fitted to this data has seen the blobs, wrong
+    colours and noise that the model really draws, which is what DPOK then samples and scores (drawn shapes instead
+    gave a reward that rose where the true one fell: docs/dpok.md, "On a learned reward").
+    """
+    n_ = lambda n: max(8, int(n * scale))  # noqa: E731
+    pipe.set_progress_bar_config(disable=True)  # its scheduler is DDIM already (make_models), so η applies
+    rng = random.Random(f"{seed}-imagereward")
+    settings = [(steps, eta, w) for steps in (5, 10, 20) for eta in (0.0, 1.0) for w in (3.0, 5.0, 7.5)]
+    for split, n_prompts in (("train", n_(300)), ("validation", n_(40)), ("test", n_(40))):
+        # Plan every image (prompt, sampler setting, seed), then draw them grouped by setting, 64 at a time.
+        plan = [(rng.choice(PROMPTS), rng.randint(4, 7)) for _ in range(n_prompts)]
+        jobs = [(j, k, p, rng.choice(settings), rng.randrange(2**31)) for j, (p, n) in enumerate(plan) for k in range(n)]
+        drawn = {}
+        for steps, eta, w in settings:
+            mine = [job for job in jobs if job[3] == (steps, eta, w)]
+            for b in range(0, len(mine), 64):
+                batch = mine[b : b + 64]
+                images = pipe([p for _, _, p, _, _ in batch], num_inference_steps=steps, eta=eta, guidance_scale=w,
+                              generator=[torch.Generator().manual_seed(g) for *_, g in batch]).images
+                drawn |= {(j, k): im for (j, k, *_), im in zip(batch, images)}
+        rows, part = [], f"{split}_1"
+        zpath = root / "imagereward" / "images" / split / f"{part}.zip"
+        zpath.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(zpath, "w") as zf:
+            for j, (p, n) in enumerate(plan):
+                imgs = [drawn[j, k] for k in range(n)]
+                scores = [round(float(toy_reward(to_tensor([im]), [p])[0]), 2) for im in imgs]
+                distinct = sorted(set(scores), reverse=True)
+                for k, (im, sc) in enumerate(zip(imgs, scores)):
+                    name = f"{split}-{j:04d}-{k}.png"
+                    zf.writestr(f"{part}/{name}", png_bytes(im))
+                    rows.append(dict(
+                        image_path=f"images/{split}/{part}/{name}", prompt_id=f"{split}-{j:04d}", prompt=p,
+                        classification="toy", image_amount_in_total=len(imgs), rank=distinct.index(sc) + 1,
+                        overall_rating=int(1 + 6 * sc),
+                    ))
+        _write_parquet(rows, root / "imagereward" / f"metadata-{split}.parquet")
+
+
+def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
     n_ = lambda n: max(8, int(n * scale))  # noqa: E731  (scale < 1: the reduced build of the tests)
     reward = lambda img, p: float(toy_reward(to_tensor([img]), [p])[0])  # noqa: E731
     # Pick-a-Pic v2: pairs of images for one caption; the "human" prefers the higher toy reward, a tie when the
@@ -324,33 +369,6 @@ def _write_datasets(root: Path, rng: random.Random, seed: int, scale: float = 1.
                 are_different=True, model_0="toy", model_1="toy",
             ))
         _write_parquet(rows, root / "pickapic" / split / "part-0.parquet")
-    # ImageRewardDB: a prompt with several images ranked 1 (best) .. k; equal rounded rewards share a rank. As in the
-    # real data (images of one prompt from several generators, some off the prompt), one or two images per prompt
-    # are drawn in a wrong colour and rank last: without them a reward model fitted here learns size but not colour,
-    # and DPOK on it paints bigger shapes in the wrong colour (docs/dpok.md, "On a learned reward"). They come from
-    # their own generator, so the other data sets are the same as in version 1 of the world.
-    off_prompt = random.Random(f"{seed}-imagereward-wrong-colour")
-    for split, n_prompts in (("train", n_(300)), ("validation", n_(40)), ("test", n_(40))):
-        rows, part = [], f"{split}_1"
-        zpath = root / "imagereward" / "images" / split / f"{part}.zip"
-        zpath.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(zpath, "w") as zf:
-            for j in range(n_prompts):
-                p = rng.choice(PROMPTS)
-                imgs = [draw(p, rng) for _ in range(rng.randint(4, 6))]
-                wrong = [c for c in COLORS if c != parse_prompt(p)[0]]
-                imgs += [draw(p, off_prompt, color=off_prompt.choice(wrong)) for _ in range(off_prompt.randint(1, 2))]
-                scores = [round(reward(im, p), 2) for im in imgs]
-                distinct = sorted(set(scores), reverse=True)
-                for k, (im, sc) in enumerate(zip(imgs, scores)):
-                    name = f"{split}-{j:04d}-{k}.png"
-                    zf.writestr(f"{part}/{name}", png_bytes(im))
-                    rows.append(dict(
-                        image_path=f"images/{split}/{part}/{name}", prompt_id=f"{split}-{j:04d}", prompt=p,
-                        classification="toy", image_amount_in_total=len(imgs), rank=distinct.index(sc) + 1,
-                        overall_rating=int(1 + 6 * sc),
-                    ))
-        _write_parquet(rows, root / "imagereward" / f"metadata-{split}.parquet")
     # Binary labels (Lee et al. 2023): good (1) when the shape has the prompt's colour and is large enough; a third
     # of the images are drawn in a wrong colour, so text alignment matters as well as size.
     for split, n in (("train", n_(1500)), ("validation", n_(300))):
@@ -436,7 +454,8 @@ def build(root: Path, seed: int = 0, vae_steps: int = 700, unet_steps: int = 100
     clip.save_pretrained(root / "clip")
     processor.save_pretrained(root / "clip")
 
-    _write_datasets(root, rng, seed, data_scale)
+    _write_datasets(root, rng, data_scale)
+    _write_imagereward(root, pipe, seed, data_scale)
     log("data sets written")
     (root / "world.json").write_text(json.dumps(dict(version=VERSION, seed=seed, data_scale=data_scale,
                                                    build_seconds=round(time.time() - t0, 1))))
@@ -472,7 +491,7 @@ def toy_world(root: str | os.PathLike | None = None, seed: int = 0) -> ToyWorld:
     """The toy world at `root` (default `$TOY_WORLD_DIR` or the shipped `<repo>/toy_world`), built if missing
     (process-safe: `built_once`)."""
     root = Path(root or os.environ.get("TOY_WORLD_DIR") or DEFAULT_ROOT).resolve()
-    return ToyWorld(root=built_once(root, VERSION, "the toy world (about four minutes on 2 idle CPU cores)",
+    return ToyWorld(root=built_once(root, VERSION, "the toy world (about five minutes on 2 idle CPU cores)",
                                     lambda tmp: build(tmp, seed=seed)))
 
 
@@ -602,7 +621,7 @@ if __name__ == "__main__":
     from diffusers import StableDiffusionPipeline
 
     cli = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cli.add_argument("--rebuild", action="store_true", help="build the world anew from its seed (about 4 min)")
+    cli.add_argument("--rebuild", action="store_true", help="build the world anew from its seed (about 5 min)")
     cli.add_argument("--root", default=None, help="the world's folder (default $TOY_WORLD_DIR or <repo>/toy_world)")
     opts = cli.parse_args()
     root = Path(opts.root or os.environ.get("TOY_WORLD_DIR") or DEFAULT_ROOT)

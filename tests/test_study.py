@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import scipy.stats
+
 REPO = Path(__file__).resolve().parent.parent
 ARMS = ("base", "dpo", "dpok", "sft", "rwsft")
 METRICS = ("toy", "clip", "reward-model")
@@ -54,6 +57,12 @@ def test_study_runs_end_to_end_and_its_report_answers_the_question(world, tmp_pa
         for seed in (0, 1):
             assert f"| {arm} seed {seed} |" in report
     assert len(list((out / "evaluate" / "rating_kit").glob("page_*.html"))) == 10
+    # each seed of each arm against the base, images as units: the p equals scipy's Wilcoxon on results.json's images
+    per_run = report[report.index("## Each run against the base on the held-out prompts"):].split("\n\n")[2]
+    row = next(line for line in per_run.splitlines() if line.startswith("| dpok seed 1 |"))
+    base, run = (np.ravel(results["runs"][r]["per_image"]["toy"]) for r in ("base", "dpok_run1"))
+    p = scipy.stats.wilcoxon(run[run != base] - base[run != base]).pvalue
+    assert row.split(" | ")[1] == f"{base.mean():.4g} -> {run.mean():.4g} ({p:.2g})"
     # run again: every step is found done, nothing is retrained, the report is rewritten the same
     stamp = (out / "dpo-s0" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, check=True, cwd=REPO)
