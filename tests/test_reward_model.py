@@ -194,3 +194,31 @@ def test_guard_rails(world, tmp_path, cache_dir, monkeypatch):
     monkeypatch.setattr(rm, "pairwise_loss", lambda r_w, r_l, y: (r_w - r_l).mean() * float("nan"))
     with pytest.raises(FloatingPointError, match="step 20"):
         rm.main(rm.toy_args(steps=20, output_dir=str(tmp_path / "c"), cache_dir=str(cache_dir)))
+
+
+def test_fitted_on_training_prompts_it_ranks_the_models_own_held_out_samples_like_the_true_reward(world, tmp_path,
+                                                                                                    cache_dir):
+    """What DPOK needs of a learned reward: to order what the policy draws as the true reward does. Fitted as the study
+    fits it (the toy ImageRewardDB's training prompts only), on 16 base samples of each held-out prompt drawn by
+    DPOK's toy sampler (5 DDIM steps, η = 1, guidance 5): Spearman's ρ with the true toy reward within each prompt.
+    Measured 0.82 on average (lowest 0.46); a reward fitted to drawn shapes instead (the toy world's version 1) gave
+    0.42 on the training prompts and −0.57 on "a red circle on a white background"."""
+    import scipy.stats
+    from diffusers import StableDiffusionPipeline
+
+    from benchmarks.study import toy_training_data
+    from common.toy import HELDOUT_PROMPTS, toy_reward
+
+    args = rm.toy_args(dataset_source=(f"imagereward={toy_training_data(tmp_path)}",),
+                       output_dir=str(tmp_path / "run"), cache_dir=str(cache_dir), eval_every=1000)
+    rm.main(args)
+    scorer = load_scorer("reward-model", str(tmp_path / "run" / "final"))
+    pipe = StableDiffusionPipeline.from_pretrained(world.pipeline, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    rho = []
+    for prompt in HELDOUT_PROMPTS:
+        images = pipe([prompt] * 16, num_inference_steps=5, eta=1.0, guidance_scale=5.0, output_type="pt",
+                      generator=torch.Generator().manual_seed(123)).images
+        with torch.no_grad():
+            rho.append(scipy.stats.spearmanr(toy_reward(images, [prompt] * 16), scorer(images, [prompt] * 16)).statistic)
+    assert np.mean(rho) >= 0.7 and min(rho) > 0.2, rho
