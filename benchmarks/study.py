@@ -153,9 +153,9 @@ def per_run_table(results: dict, seeds: tuple[int, ...]) -> list[str]:
              "-> run, and the two-sided Wilcoxon signed-rank p over those images paired by prompt and seed.", "",
              "| run | " + " | ".join(f"{m} base -> run (p)" for m in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for arm, runs in results["arms"].items():
+        if arm == "base":
+            continue
         for seed, run in zip(seeds if len(runs) > 1 else (None,), runs):
-            if arm == "base":
-                continue
             cells = []
             for m in metrics:
                 a, b = np.asarray(base[m]).ravel(), np.asarray(results["runs"][run]["per_image"][m]).ravel()

@@ -305,6 +305,11 @@ def _write_parquet(rows: list[dict], path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(rows), path)
 
 
+def _reward(image: Image.Image, prompt: str) -> float:
+    """The toy reward of one PIL image: how the toy "humans" of every data set judge it."""
+    return float(toy_reward(to_tensor([image]), [prompt])[0])
+
+
 def _write_imagereward(root: Path, pipe, seed: int, scale: float = 1.0) -> None:
     """ImageRewardDB: images of a prompt ranked by people, 1 (best) .. k; equal rounded rewards share a rank.
 
@@ -321,13 +326,15 @@ def _write_imagereward(root: Path, pipe, seed: int, scale: float = 1.0) -> None:
     for split, n_prompts in (("train", n_(300)), ("validation", n_(40)), ("test", n_(40))):
         # Plan every image (prompt, sampler setting, seed), then draw them grouped by setting, 64 at a time.
         plan = [(rng.choice(PROMPTS), rng.randint(4, 7)) for _ in range(n_prompts)]
-        jobs = [(j, k, p, rng.choice(settings), rng.randrange(2**31)) for j, (p, n) in enumerate(plan) for k in range(n)]
+        jobs: dict[tuple, list] = {}  # sampler setting -> [(prompt index j, image k, prompt, seed)]
+        for j, (p, n) in enumerate(plan):
+            for k in range(n):
+                jobs.setdefault(rng.choice(settings), []).append((j, k, p, rng.randrange(2**31)))
         drawn = {}
-        for steps, eta, w in settings:
-            mine = [job for job in jobs if job[3] == (steps, eta, w)]
+        for (steps, eta, w), mine in jobs.items():
             for b in range(0, len(mine), 64):
                 batch = mine[b : b + 64]
-                images = pipe([p for _, _, p, _, _ in batch], num_inference_steps=steps, eta=eta, guidance_scale=w,
+                images = pipe([p for _, _, p, _ in batch], num_inference_steps=steps, eta=eta, guidance_scale=w,
                               generator=[torch.Generator().manual_seed(g) for *_, g in batch]).images
                 drawn |= {(j, k): im for (j, k, *_), im in zip(batch, images)}
         rows, part = [], f"{split}_1"
@@ -336,7 +343,7 @@ def _write_imagereward(root: Path, pipe, seed: int, scale: float = 1.0) -> None:
         with zipfile.ZipFile(zpath, "w") as zf:
             for j, (p, n) in enumerate(plan):
                 imgs = [drawn[j, k] for k in range(n)]
-                scores = [round(float(toy_reward(to_tensor([im]), [p])[0]), 2) for im in imgs]
+                scores = [round(_reward(im, p), 2) for im in imgs]
                 distinct = sorted(set(scores), reverse=True)
                 for k, (im, sc) in enumerate(zip(imgs, scores)):
                     name = f"{split}-{j:04d}-{k}.png"
@@ -351,7 +358,6 @@ def _write_imagereward(root: Path, pipe, seed: int, scale: float = 1.0) -> None:
 
 def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
     n_ = lambda n: max(8, int(n * scale))  # noqa: E731  (scale < 1: the reduced build of the tests)
-    reward = lambda img, p: float(toy_reward(to_tensor([img]), [p])[0])  # noqa: E731
     # Pick-a-Pic v2: pairs of images for one caption; the "human" prefers the higher toy reward, a tie when the
     # rewards are within 0.01 (about 8 % of pairs), as Pick-a-Pic's 0.5/0.5 rows.
     for split, n in (("train", n_(2000)), ("validation", n_(200)), ("test", n_(200))):
@@ -359,7 +365,7 @@ def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
         for i in range(n):
             p = rng.choice(PROMPTS)
             im0, im1 = draw(p, rng), draw(p, rng)
-            r0, r1 = reward(im0, p), reward(im1, p)
+            r0, r1 = _reward(im0, p), _reward(im1, p)
             label_0 = 0.5 if abs(r0 - r1) < 0.01 else float(r0 > r1)
             uid0, uid1 = f"{split}-{i}-0", f"{split}-{i}-1"
             best = {1.0: uid0, 0.0: uid1}.get(label_0, "")
@@ -378,7 +384,7 @@ def _write_datasets(root: Path, rng: random.Random, scale: float = 1.0) -> None:
             wrong = rng.random() < 1 / 3
             color = rng.choice([c for c in COLORS if c != parse_prompt(p)[0]]) if wrong else None
             im = draw(p, rng, color=color)
-            rows.append(dict(prompt=p, image=png_bytes(im), label=int(reward(im, p) > 0.2)))
+            rows.append(dict(prompt=p, image=png_bytes(im), label=int(_reward(im, p) > 0.2)))
         _write_parquet(rows, root / "binary" / f"{split}.parquet")
     rows = []
     for _ in range(n_(1000)):
