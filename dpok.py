@@ -273,6 +273,12 @@ def per_prompt_advantages(rewards, prompts: list[str], history: dict[str, list[f
     return adv.clamp(-5, 5)
 
 
+def explained_variance(r, v):
+    """1 - Var(r - V) / Var(r), as CleanRL logs it for PPO's value net (NaN when Var(r) = 0). Near 1, subtracting V
+    removes most of the advantages' noise; <= 0, it adds noise. r, v (N,) -> scalar."""
+    return 1 - (r - v).var() / r.var() if r.var() > 0 else torch.tensor(float("nan"))
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 
@@ -517,7 +523,8 @@ def main(args: Args) -> Path:
         idx = torch.randint(len(prompts), (args.sample_batch,), generator=gen)  # (N,)
         batch_prompts = [prompts[i] for i in idx.tolist()]
         noise = lambda shape: torch.randn(shape, generator=noise_gen, device=device)  # noqa: E731
-        latents, log_probs, _ = sample(unet, ref_unet, embed(idx)[0], sched, args, noise, autocast)
+        emb, pooled = embed(idx)
+        latents, log_probs, _ = sample(unet, ref_unet, emb, sched, args, noise, autocast)
         with torch.no_grad():
             rewards = scorer(decode(vae, latents[-1]), batch_prompts).float().to(device) / reward_unit  # (N,)
         all_rewards = gather(rewards, dist)
@@ -530,6 +537,11 @@ def main(args: Args) -> Path:
             adv = adv.reshape(dist.world_size, -1)[dist.rank]
         else:
             adv = rewards  # 'value' subtracts V(x_t, z, t) at update time, with the value net of that moment
+        if args.advantage == "value":  # how much of r the baseline explains on transitions it has not been fitted to
+            with torch.no_grad():
+                pred = value_net(latents[:-1].flatten(0, 1), pooled.repeat(T, 1),
+                                 torch.arange(T, device=device).repeat_interleave(args.sample_batch))
+            explained = explained_variance(rewards.repeat(T), pred)
         new = dict(x_t=latents[:-1].flatten(0, 1), x_prev=latents[1:].flatten(0, 1),  # (T·N, C, H, W), step-major
                    step=torch.arange(T, device=device).repeat_interleave(args.sample_batch),
                    prompt=idx.to(device).repeat(T), log_prob=log_probs.flatten(), reward=rewards.repeat(T),
@@ -594,6 +606,7 @@ def main(args: Args) -> Path:
                 value_optimizer.step()
                 value_loss += loss.detach() / args.value_steps
             metrics["losses/value_loss"] = value_loss
+            metrics["charts/value_explained_variance"] = explained
 
         # ---------------- logging, samples, checkpoints
         names = {"loss": "losses/loss", "policy_loss": "losses/policy_loss", "kl": "losses/kl"}

@@ -146,6 +146,17 @@ def test_per_prompt_advantages_match_ddpo_stat_tracker():
     assert dpok.per_prompt_advantages(outlier, [str(i) for i in range(31)], {}, 4, 4).max() == 5
 
 
+def test_explained_variance_against_numpy():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(200, generator=g)
+    v = 0.8 * r + 0.3 * torch.randn(200, generator=g)
+    expected = 1 - np.var((r - v).numpy(), ddof=1) / np.var(r.numpy(), ddof=1)
+    assert dpok.explained_variance(r, v).item() == pytest.approx(expected, rel=1e-5)
+    assert dpok.explained_variance(r, r).item() == pytest.approx(1.0)
+    assert dpok.explained_variance(r, torch.full_like(r, 5.0)).item() == pytest.approx(0.0, abs=1e-6)  # a constant V
+    assert math.isnan(dpok.explained_variance(torch.ones(4), torch.zeros(4)).item())
+
+
 def test_guard_rails_name_the_flag():
     with pytest.raises(ValueError, match="--scorer-path"):
         dpok.main(dpok.Args(scorer="reward-model", scorer_path=None))
@@ -218,6 +229,9 @@ def test_toy_reward_rises_significantly_over_the_base_model(toy_runs):
                 "charts/approx_kl", "charts/grad_norm"):
         assert all(math.isfinite(r[key]) for r in train), key
     assert 0.3 < np.mean([r["charts/clip_frac"] for r in train]) <= 0.5  # the second policy step is mostly clamped
+    # the value net predicts part of the reward of transitions it was not fitted to, once it has seen a few batches
+    explained = [r["charts/value_explained_variance"] for r in train]
+    assert np.mean(explained[6:]) > 0.05, explained
     assert (out / "samples" / "step_0000000.png").is_file() and (out / "samples" / "step_0000012.png").is_file()
     assert (out / "checkpoints" / "latest").is_file()
     from diffusers import UNet2DConditionModel

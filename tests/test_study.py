@@ -1,12 +1,14 @@
 """benchmarks/study.py: the whole study on a reduced toy budget, and what its report must contain."""
 
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import scipy.stats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -89,3 +91,29 @@ def test_below_base_warning_fires_on_a_run_made_to_fail(world, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["eval/reward_final"] < result["eval/reward_base"]
     assert "BELOW the base model's" in result["warning"] and "WARNING: the trained model's" in proc.stderr
+
+
+def test_parallel_training_runs_all_finish_and_a_failure_is_named(tmp_path, monkeypatch):
+    """--jobs 2: the training steps run two at a time, each capped to (cores / 2) threads; one that fails does not
+    stop the others, and the study stops before the evaluation naming the failed step and its log."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import study
+
+    out = tmp_path / "study"
+
+    def step(name: str, code: str, folder: str):  # a stand-in script: writes done.json into its --output-dir
+        write = "import os, pathlib, sys; d = pathlib.Path(sys.argv[-1]); d.mkdir(); " \
+                "(d / 'done.json').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"
+        return name, [sys.executable, "-c", f"{code}; {write}", "--output-dir", str(out / folder)], \
+            out / folder / "done.json"
+
+    steps = [step("reward model", "pass", "rm"), step("dpo seed 0", "import sys; sys.exit(3)", "dpo-s0"),
+             step("dpok seed 0", "import time; time.sleep(1)", "dpok-s0"), step("sft seed 0", "pass", "sft-s0"),
+             step("evaluate", "pass", "evaluate")]
+    monkeypatch.setattr(study, "commands", lambda args, out: steps)
+    with pytest.raises(ValueError, match=r"dpo seed 0 failed \(exit 3\); see .*dpo_seed_0\.log"):
+        study.main(study.Args(output_dir=str(out), jobs=2))
+    threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert (out / "dpok-s0" / "done.json").read_text() == threads == (out / "sft-s0" / "done.json").read_text()
+    assert (out / "rm" / "done.json").exists() and not (out / "evaluate").exists()
+    assert set(json.loads((out / "timings.json").read_text())) == {"reward model", "dpok seed 0", "sft seed 0"}
