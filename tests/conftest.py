@@ -8,6 +8,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the scripts do: idle OpenMP threads sleep, not spin
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N (pytest.ini): the cores shared out, so N workers (and the
+    threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))  # scripts they run)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)  # do not fight over them
 
 import pytest  # noqa: E402
 
@@ -29,7 +32,14 @@ def toy_dpo_run(world, tmp_path_factory):
     import sys
     from pathlib import Path
 
-    out = tmp_path_factory.mktemp("toy_dpo_run")
+    from filelock import FileLock
+
+    # One run for the whole session, also under pytest -n: the workers' temporary folders share a parent.
+    root = tmp_path_factory.getbasetemp()
+    out = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "toy_dpo_run"
     repo = Path(__file__).resolve().parent.parent
-    subprocess.run([sys.executable, str(repo / "diffusion_dpo.py"), "--toy", "--output-dir", str(out)], check=True, cwd=repo)
+    with FileLock(str(out) + ".lock"):
+        if not (out / "eval.json").exists():
+            subprocess.run([sys.executable, str(repo / "diffusion_dpo.py"), "--toy", "--output-dir", str(out),
+                            "--overwrite"], check=True, cwd=repo)
     return out
