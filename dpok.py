@@ -606,7 +606,7 @@ def main(args: Args) -> Path:
                 value_optimizer.step()
                 value_loss += loss.detach() / args.value_steps
             metrics["losses/value_loss"] = value_loss
-            metrics["charts/value_explained_variance"] = explained
+            metrics["charts/value_explained_variance"] = runtime.all_reduce_mean(explained, dist)
 
         # ---------------- logging, samples, checkpoints
         names = {"loss": "losses/loss", "policy_loss": "losses/policy_loss", "kl": "losses/kl"}
