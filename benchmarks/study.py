@@ -261,24 +261,22 @@ def main(args: Args) -> Path:
     steps = commands(args, out)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    todo = []
-    for name, cmd, done in steps:
+    for name, _, done in steps:
         if done.exists():
             print(f"[study] {name}: done ({done} exists), skipped")
-        else:
-            todo.append((name, cmd))
+    # The reward model first (DPOK and reward-weighted SFT score with it), the evaluation last, each alone with every
+    # core; the training runs in between are independent: --jobs of them at once, each with cores / jobs threads
+    # (on 2 cores two 1-thread runs finish sooner than one 2-thread run after another: docs/study.md), the slowest
+    # arms first so the last to start are short.
+    first, training, last = ([(name, cmd) for name, cmd, done in part if not done.exists()]
+                             for part in (steps[:1], steps[1:-1], steps[-1:]))
+    training.sort(key=lambda step: ARMS_BY_COST.index(step[0].split()[0]))
 
     def record(name: str, seconds: float) -> None:
         timings[name] = seconds
         timings_file.write_text(json.dumps(timings, indent=1) + "\n")
 
-    # The reward model first (DPOK and reward-weighted SFT score with it), the evaluation last, each alone with every
-    # core; the training runs in between are independent: --jobs of them at once, each with cores / jobs threads
-    # (on 2 cores two 1-thread runs finish sooner than one 2-thread run after another: docs/study.md), the slowest
-    # arms first so the last to start are short.
     t_start = time.time()
-    first, last = [s for s in todo if s[0] == steps[0][0]], [s for s in todo if s[0] == steps[-1][0]]
-    training = sorted((s for s in todo if s not in first + last), key=lambda s: ARMS_BY_COST.index(s[0].split()[0]))
     for name, cmd in first:
         record(name, run_step(name, cmd, out, None))
     threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
@@ -293,7 +291,7 @@ def main(args: Args) -> Path:
     require(not failed, "\n".join(failed))
     for name, cmd in last:
         record(name, run_step(name, cmd, out, None))
-    if todo:
+    if first or training or last:
         record("wall clock", time.time() - t_start)
     text = report(args, out, steps, timings)
     (out / "report.md").write_text(text)
