@@ -51,7 +51,7 @@ from common.runtime import require  # noqa: E402
 from common.toy import PROMPT_FILES, TRAIN_PROMPTS, toy_world  # noqa: E402
 
 ARMS = ("dpo", "dpok", "sft", "rwsft")
-ARMS_BY_COST = ("rwsft", "dpo", "sft", "dpok")  # seconds per toy run with one thread, measured: 116-118, 83-85, 80-82, 75-76
+ARMS_BY_COST = ("dpok", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
 
 
 @dataclasses.dataclass
