@@ -197,8 +197,8 @@ def report(args: Args, out: Path, steps, timings: dict) -> str:
     cell = pair["metrics"][metric]
     win = cell["win_rate"] if pair["a"] == "dpo" else 1 - cell["win_rate"]
     p = cell["p_wilcoxon_holm"]
-    verdict = (f"On {metric}, Diffusion-DPO {'beats' if win > 0.5 else 'loses to'} DPOK on {win:.0%} of the held-out "
-               f"prompts (Holm-adjusted Wilcoxon p = {p:.2g}): " +
+    verdict = (f"On {metric}, Diffusion-DPO's win rate against DPOK over the held-out prompts is {win:.0%} "
+               f"({'for' if win > 0.5 else 'against'} Diffusion-DPO; Holm-adjusted Wilcoxon p = {p:.2g}): " +
                ("a significant difference at the 5 % level." if p < 0.05 else "no significant difference at the "
                 "5 % level with this many prompts and seeds."))
     lines = ["# The study: Diffusion-DPO on ImageReward's comparisons vs DPOK on a reward model fitted to the same "
