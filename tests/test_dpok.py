@@ -250,8 +250,9 @@ def test_study_arm_on_a_learned_reward_raises_the_true_reward_on_held_out_prompt
     """The study's DPOK arm as benchmarks/study.py runs it: the reward model fitted on the toy ImageRewardDB's
     training prompts (`reward_model.py --toy --dataset imagereward`), then `dpok.py --toy --scorer reward-model
     --prompts <the 12 training prompts>` (the --prompts toy recipe). On the 12 held-out prompts x 8 fixed seeds
-    (DDIM 20 steps, η 0, guidance 5, as evaluate.py draws them) the true toy reward rises by more than 0.01, two-sided
-    Wilcoxon p < 0.01 over the 96 images, and the learned reward rises. With the value net's baseline instead of
+    (benchmarks/heldout_reward.py: image j from a generator seeded j, DDIM 20 steps, η 0, guidance 5, evaluate.py's
+    sampler settings) the true toy reward rises by more than 0.01, two-sided Wilcoxon p < 0.01 over the 96 images,
+    and the learned reward rises. With the value net's baseline instead of
     per-prompt statistics the true reward did not move on any of three seeds (docs/dpok.md, "On a learned reward")."""
     import scipy.stats
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
