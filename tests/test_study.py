@@ -59,12 +59,13 @@ def test_study_runs_end_to_end_and_its_report_answers_the_question(world, tmp_pa
         for seed in (0, 1):
             assert f"| {arm} seed {seed} |" in report
     assert len(list((out / "evaluate" / "rating_kit").glob("page_*.html"))) == 10
-    # each seed of each arm against the base, images as units: the p equals scipy's Wilcoxon on results.json's images
+    # each seed of each arm against the base, images as units: the p equal scipy's paired t-test and Wilcoxon on the images
     per_run = report[report.index("## Each run against the base on the held-out prompts"):].split("\n\n")[2]
     row = next(line for line in per_run.splitlines() if line.startswith("| dpok seed 1 |"))
     base, run = (np.ravel(results["runs"][r]["per_image"]["toy"]) for r in ("base", "dpok_run1"))
     p = scipy.stats.wilcoxon(run[run != base] - base[run != base]).pvalue
-    assert row.split(" | ")[1] == f"{base.mean():.4g} -> {run.mean():.4g} ({p:.2g})"
+    t = scipy.stats.ttest_rel(run, base).pvalue
+    assert row.split(" | ")[1] == f"{base.mean():.4g} -> {run.mean():.4g} (t {t:.2g}; W {p:.2g})"
     # run again: every step is found done, nothing is retrained, the report is rewritten the same
     stamp = (out / "dpo-s0" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, check=True, cwd=REPO)
