@@ -110,8 +110,11 @@ def toy_training_data(out: Path) -> Path:
 def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
     """(step name, command, the file whose presence means the step is done), in order."""
     toy, ci = args.mode == "toy", args.budget == "ci" and args.mode == "toy"
-    run = lambda script: ([sys.executable] if args.gpus == 1 else  # noqa: E731
-                          ["torchrun", f"--nproc_per_node={args.gpus}"]) + [str(REPO / script)]
+    # One process, or `procs` under torchrun (torch.distributed.run of this interpreter, so no PATH lookup): --gpus per
+    # step, and on the toy world --jobs for evaluate.py, whose ranks split the images as training runs split the cores.
+    run = lambda script, procs=args.gpus: ([sys.executable] if procs == 1 else [  # noqa: E731
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    ) + [str(REPO / script)]
     base = ["--toy"] if toy else []
     data = str(toy_training_data(out)) if toy else args.dataset_source
     train_prompts = str(PROMPT_FILES["train"]) if toy else f"{args.dataset_source}/metadata-train.parquet"
@@ -127,9 +130,9 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
         s = ["--seed", str(seed)]
         arm = {
             "dpo": run("diffusion_dpo.py") + base + model + s + [
-                "--dataset", "imagereward", "--dataset-source", data] + (["--steps", "3", "--eval-pairs", "16",
-                                                                         "--reward-seeds", "1"] if ci else []) +
-                (own_check + ["--eval-draws", "4"] if own_check else []),
+                "--dataset", "imagereward", "--dataset-source", data] + (
+                ["--steps", "3", "--eval-pairs", "16", "--reward-seeds", "1"] if ci else
+                own_check + (["--eval-draws", "4"] if own_check else [])),
             "dpok": run("dpok.py") + base + model + s + [
                 "--scorer", "reward-model", "--scorer-path", str(rm / "final"), "--prompts", train_prompts] +
                 (["--steps", "2", "--num-validation-prompts", "12"] if ci else []),
@@ -145,11 +148,8 @@ def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
             folder = out / f"{name}-s{seed}"
             steps.append((f"{name} seed {seed}", cmd + ["--output-dir", str(folder)], folder / "eval.json"))
     candidates = [f"{a}=" + ",".join(str(out / f"{a}-s{seed}") for seed in args.seeds) for a in ARMS]
-    # On the toy world evaluate.py samples in --jobs processes at once (its ranks split the images), as training does.
-    lanes = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={jobs_of(args)}"]
-    evaluate = (lanes + [str(REPO / "evaluate.py")] if toy and jobs_of(args) > 1 else run("evaluate.py")) + base + [
-        "--candidates", *candidates, "--summary-against", "dpo",
-                                            "--output-dir", str(out / "evaluate")]
+    evaluate = run("evaluate.py", jobs_of(args) if toy else args.gpus) + base + [
+        "--candidates", *candidates, "--summary-against", "dpo", "--output-dir", str(out / "evaluate")]
     if toy:
         evaluate += ["--scorers", "toy", "clip", "reward-model", "--scorer-paths", f"clip={toy_world().clip}",
                      f"reward-model={rm / 'final'}"]
@@ -315,7 +315,7 @@ def main(args: Args) -> Path:
                 failed.append(str(e))
     require(not failed, "\n".join(failed))
     for name, cmd in last:  # on the toy world, evaluate.py's --jobs sampling processes with cores / jobs threads
-        record(name, run_step(name, cmd, out, threads if args.mode == "toy" else None))
+        record(name, run_step(name, cmd, out, threads))
     if first or training or last:
         record("wall clock", time.time() - t_start)
     text = report(args, out, steps, timings)
