@@ -64,15 +64,23 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "
 BACKGROUNDS = {"white": (235, 235, 235), "black": (25, 25, 25), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square")
 PROMPTS = [f"a {c} {s} on a {b} background" for c in COLORS for s in SHAPES for b in BACKGROUNDS]
-# The held-out split (evaluate.py --toy and benchmarks/study.py): half of the prompts, every colour, shape and background
-# on both sides, chosen by the parity of (colour, shape, background) indices. The study trains on TRAIN_PROMPTS only
-# (its copy of the toy ImageRewardDB keeps their rows) and evaluates on HELDOUT_PROMPTS, as a real study trains on
-# Pick-a-Pic or ImageRewardDB captions and evaluates on PartiPrompts. The lists are also tracked as text files,
-# common/toy_prompts_{train,heldout}.txt, so they can be passed as --prompts (tests/test_toy.py keeps them equal).
+# The held-out split (evaluate.py --toy): half of the prompts, every colour, shape and background on both sides, chosen
+# by the parity of (colour, shape, background) indices. The study (benchmarks/study.py, docs/study.md's protocol)
+# splits the held-out half again, into VALIDATION_PROMPTS (any tuning, recipe choice or stopping rule looks only
+# there) and TEST_PROMPTS (the report, touched once), so the three sets are disjoint: its arms train on TRAIN_PROMPTS
+# only, as a real study trains on ImageRewardDB's prompts and reports on PartiPrompts. The held-out split was fixed
+# before any result, for balance alone: each of the two holds 3 circles and 3 squares, 2 prompts of each background
+# and every colour. The lists are also tracked as text files, common/toy_prompts_{split}.txt, so they can be passed as
+# --prompts (tests/test_toy.py keeps them equal).
 HELDOUT_PROMPTS = [f"a {c} {s} on a {b} background" for i, c in enumerate(COLORS) for j, s in enumerate(SHAPES)
                    for k, b in enumerate(BACKGROUNDS) if (i + j + k) % 2 == 1]
 TRAIN_PROMPTS = [p for p in PROMPTS if p not in HELDOUT_PROMPTS]
-PROMPT_FILES = {split: Path(__file__).resolve().parent / f"toy_prompts_{split}.txt" for split in ("train", "heldout")}
+TEST_PROMPTS = [f"a {p} background" for p in ("red circle on a black", "red square on a gray", "green circle on a white",
+                                               "green square on a black", "blue square on a white",
+                                               "yellow circle on a gray")]
+VALIDATION_PROMPTS = [p for p in HELDOUT_PROMPTS if p not in TEST_PROMPTS]
+PROMPT_FILES = {split: Path(__file__).resolve().parent / f"toy_prompts_{split}.txt"
+                for split in ("train", "heldout", "validation", "test")}
 
 
 @dataclass(frozen=True)

@@ -193,11 +193,19 @@ def test_rebuilt_world_has_the_full_layout(rebuilt_world):
     assert len(load_captioned_images(str(rebuilt_world.pretrain))) == 20
 
 
-def test_heldout_split_is_disjoint_covers_the_vocabulary_and_matches_its_files():
-    train, heldout = set(toy.TRAIN_PROMPTS), set(toy.HELDOUT_PROMPTS)
-    assert not train & heldout and train | heldout == set(toy.PROMPTS) and len(heldout) == 12
-    for side in (train, heldout):  # every colour, shape and background is seen on both sides of the split
+def test_prompt_sets_are_disjoint_balanced_and_match_their_files():
+    """train / validation / test (the study's three sets) and heldout = validation + test (evaluate.py --toy)."""
+    train, val, test = set(toy.TRAIN_PROMPTS), set(toy.VALIDATION_PROMPTS), set(toy.TEST_PROMPTS)
+    assert not train & val and not train & test and not val & test and train | val | test == set(toy.PROMPTS)
+    assert (len(train), len(val), len(test)) == (12, 6, 6) and val | test == set(toy.HELDOUT_PROMPTS)
+    for side in (train, val | test):  # every colour, shape and background is seen on both sides of the split
         words = {w for p in side for w in toy.parse_prompt(p)}
         assert words == set(toy.COLORS) | set(toy.SHAPES) | set(toy.BACKGROUNDS)
-    for split, prompts in (("train", toy.TRAIN_PROMPTS), ("heldout", toy.HELDOUT_PROMPTS)):
+    for side in (val, test):  # each: 3 circles and 3 squares, 2 prompts per background, every colour
+        parsed = [toy.parse_prompt(p) for p in side]
+        assert {c for c, _, _ in parsed} == set(toy.COLORS)
+        assert sorted(s for _, s, _ in parsed).count("circle") == 3
+        assert all([b for _, _, b in parsed].count(b) == 2 for b in toy.BACKGROUNDS)
+    for split, prompts in (("train", toy.TRAIN_PROMPTS), ("heldout", toy.HELDOUT_PROMPTS),
+                           ("validation", toy.VALIDATION_PROMPTS), ("test", toy.TEST_PROMPTS)):
         assert toy.PROMPT_FILES[split].read_text().splitlines() == prompts
