@@ -190,7 +190,8 @@ class Args:
     sample_every: int = 250
     """save a grid of fixed-seed samples every N steps (and before the first)"""
     validation_prompts: str | None = None
-    """prompt set for the sample grids (common.data.load_prompts; None: the first captions of --eval-split)"""
+    """prompt set for the sample grids and, with --toy, eval.json's toy-reward check (common.data.load_prompts; None:
+    the first captions of --eval-split, and the toy world's prompts for the check)"""
     num_validation_prompts: int = 8
     """prompts in the sample grid, prompt i always with seed i"""
     sample_steps: int = 50
@@ -620,7 +621,8 @@ def main(args: Args) -> dict:
             summary.update(heldout_eval(unet, ref_unet, eval_pairs, vae, tokenizers, text_encoders, family, timesteps,
                                         noise_scheduler, args, autocast))
         if args.toy and args.reward_seeds:  # the toy reward of fixed-seed samples, base model vs trained model
-            prompts = [p for _ in range(args.reward_seeds) for p in load_prompts(str(toy_world().prompts))]
+            check = load_prompts(args.validation_prompts or str(toy_world().prompts))
+            prompts = [p for _ in range(args.reward_seeds) for p in check]
             seeds = list(range(len(prompts)))
             with reference_unet(unet, ref_unet) as ref:
                 base = toy_reward(generate(make_pipe(unet=ref), prompts, seeds, args, autocast), prompts)
@@ -632,6 +634,7 @@ def main(args: Args) -> dict:
             summary.update({"eval/reward_base": base.mean().item(), "eval/reward_final": final.mean().item(),
                             "eval/reward_win_rate": (final > base).float().mean().item(),
                             "eval/reward_pvalue": p_value, "eval/reward_samples": len(prompts),
+                            "reward_prompts": check,
                             "reward_test": "Wilcoxon signed-rank, two-sided, paired by prompt and seed"})
         if "eval/reward_final" in summary and (warning := below_base_warning(
                 summary["eval/reward_final"], summary["eval/reward_base"], "toy reward")):

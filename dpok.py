@@ -156,7 +156,10 @@ class Args:
     sample_every: int = 500
     """policy steps between fixed-seed validation grids and rewards/eval_mean, a multiple of --policy-steps"""
     num_validation_prompts: int = 8
-    """validation images: the first prompts (cycled), image k drawn from its own generator seeded k"""
+    """validation images: the first prompts of --validation-prompts (cycled), image k drawn from its own generator
+    seeded k"""
+    validation_prompts: str | None = None
+    """prompt set of the fixed-seed validation images and eval.json (common.data.load_prompts; None: --prompts)"""
     sample_steps: int = 50
     """DDIM steps (η = 0, evaluate.py's sampler) of the final base-vs-trained comparison in eval.json; the grids and
     rewards/eval_mean during training use the policy's own sampler (--rollout-steps, --eta)"""
@@ -459,8 +462,10 @@ def main(args: Args) -> Path:
         hidden, pooled = encode([prompts[i] for i in ids.tolist()], tokenizer, text_encoder, device)
         return torch.cat([uncond.expand(len(ids), -1, -1), hidden]), pooled
 
-    val_ids = torch.arange(args.num_validation_prompts) % len(prompts)  # the first prompts, cycled
-    val_prompts, val_emb = [prompts[i] for i in val_ids.tolist()], embed(val_ids)[0]
+    val_prompts = load_prompts(args.validation_prompts) if args.validation_prompts else prompts
+    require(len(val_prompts) > 0, f"--validation-prompts {args.validation_prompts}: no prompts")
+    val_prompts = [val_prompts[i % len(val_prompts)] for i in range(args.num_validation_prompts)]  # the first, cycled
+    val_emb = torch.cat([uncond.expand(len(val_prompts), -1, -1), encode(val_prompts, tokenizer, text_encoder, device)[0]])
     evaluation = (vae, scorer, val_prompts, val_emb, sched, args, autocast, device)  # validate()'s fixed arguments
 
     # ---- state that a checkpoint carries: weights, optimizers, replay buffer, per-prompt statistics, RNG streams
@@ -675,7 +680,8 @@ def main(args: Args) -> Path:
         result = dict(reward_base=base.mean().item(), reward_final=final.mean().item(), p_value=float(p_value),
                       kl_final=kl.mean().item(), rewards_base=base.tolist(), rewards_final=final.tolist(),
                       reward_final_policy_sampler=final_policy.mean().item(), kl_per_image=kl.tolist(),
-                      num_validation_prompts=args.num_validation_prompts, steps=args.steps, sample_steps=args.sample_steps, eta=0.0)
+                      num_validation_prompts=args.num_validation_prompts, validation_prompts=val_prompts, steps=args.steps,
+                      sample_steps=args.sample_steps, eta=0.0)
         print(f"fixed-seed reward (DDIM {args.sample_steps} steps, η 0): base {result['reward_base']:.4f} -> final "
               f"{result['reward_final']:.4f} (paired t-test p = {p_value:.2g}); KL to the base {result['kl_final']:.4g}"
               f"\nload with:\n    from diffusers import StableDiffusionPipeline, UNet2DConditionModel; "

@@ -203,7 +203,9 @@ class Args:
     sample_every: int = 500
     """save a grid of fixed-seed samples every N steps (and before the first and after the last)"""
     num_validation_prompts: int = 8
-    """prompts in the sample grid (the first of --prompts), prompt i always with seed i"""
+    """prompts in the sample grid and eval.json (the first of --validation-prompts), prompt i always with seed i"""
+    validation_prompts: str | None = None
+    """prompt set of the sample grid and eval.json (common.data.load_prompts; None: --prompts)"""
     reward_seeds: int = 0
     """samples per grid prompt for the final base-vs-trained reward comparison in eval.json (0: skip; toy: 4)"""
 
@@ -435,7 +437,8 @@ def main(args: Args) -> dict:
                                                             device=device, dtype=weight_dtype,
                                                             flags=("--scorer-path", "--clip-path"))
     prompts = load_prompts(args.prompts) if args.data == "generated" or args.num_validation_prompts else []
-    grid_prompts = prompts[:args.num_validation_prompts]
+    grid_prompts = (load_prompts(args.validation_prompts) if args.validation_prompts else prompts)[
+        :args.num_validation_prompts]
 
     # ---- data: the winners, or the generated set (sampled from the pretrained UNet, before anything trains it)
     if args.data == "generated":
@@ -648,6 +651,7 @@ def main(args: Args) -> dict:
             summary = {"eval/reward_base": base.mean().item(), "eval/reward_final": final.mean().item(),
                        "eval/reward_win_rate": (final > base).float().mean().item(), "eval/reward_pvalue": p_value,
                        "eval/reward_samples": len(prompts_k),
+                       "reward_prompts": grid_prompts,
                        "reward_test": "Wilcoxon signed-rank, two-sided, paired by prompt and seed"}
             logger.log({k: v for k, v in summary.items() if k.startswith("eval/")}, args.steps)
             print(f"{args.scorer} reward of fixed-seed samples: base {summary['eval/reward_base']:.4g} -> "
