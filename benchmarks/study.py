@@ -1,264 +1,537 @@
 """The study as one command: does Diffusion-DPO on ImageReward's comparisons match DPOK on a reward model fitted to the
-same data, and how do both compare with the supervised baselines?
+same data, and how do both compare with the supervised baselines? The protocol (docs/study.md, first section) was
+written before the results it reports; this file carries it out and restates it in report.md.
 
-This file only calls the scripts, in the order a researcher would (CleanRL's benchmark/ folder does the same):
+This file only calls the scripts, in the order a researcher would (CleanRL's benchmark/ folder does the same). One
+replicate per training seed s in --seeds; the replicate is the unit of every test:
 
-    1. reward_model.py    fit r_φ on ImageRewardDB's rankings (Bradley-Terry)                        -> rm/final
-    2. per seed s in --seeds, the four arms, each on the same data:
+    1. reward_model.py    r_φ fitted on ImageRewardDB's train prompts with seed s                 -> rm-s<s>/final
+    2. the four arms, each with seed s, on the same train prompts (their own checks on the validation prompts):
        dpo    diffusion_dpo.py --dataset imagereward                  Diffusion-DPO on the comparisons
-       dpok   dpok.py --scorer reward-model --scorer-path rm/final    DPOK on the fitted reward
+       dpok   dpok.py --scorer reward-model --scorer-path rm-s<s>     DPOK on replicate s's fitted reward
        sft    sft.py --data preferred --dataset imagereward           SFT on the preferred images
        rwsft  sft.py --data generated --scorer reward-model --reg kl  reward-weighted SFT with the KL regulariser
-    3. evaluate.py        every arm (its seeds as units) against the base and against each other, on prompts no arm
-                          trained on, Holm across every comparison x metric; the double-blind rating kit
-    4. report.md          the question, the first table (per arm: the mean over seeds of each metric with its interval,
-                          win rates against the base and against Diffusion-DPO, Holm-adjusted p), each script's own
-                          base-vs-final check, the commands and how long each took
+    3. evaluate.py        the base and replicate s's four models on the test prompts, every model drawing the same
+                          images (evaluation seed E(s): common random numbers within a replicate, new noise across)
+    4. report.md          per metric and comparison, the per-replicate differences d_s = m(A, s) - m(B, s) and the
+                          paired t-test over the n replicates, Holm over every test in the report; every seed's value;
+                          the training curves; each run's own check; what ran and how long it took
 
-Toy (the default): the offline toy world. The arms train on TRAIN_PROMPTS only (a copy of the toy ImageRewardDB
-that keeps their rows; common/toy.py) and are evaluated on HELDOUT_PROMPTS. --budget ci shrinks every step to
-seconds (tests/test_study.py). Real (--mode real): SD1.5, ImageRewardDB from a local folder, PartiPrompts for
-evaluation, --gpus per step through torchrun; the scripts' own defaults (the papers' recipes) otherwise.
+    d_s = m(A, s) - m(B, s),   t = mean(d) / (sd(d) / √n),   two-sided p from Student's t with n - 1 degrees of freedom
+    Holm over the family of all K tests shown:  p~_(i) = max_{j <= i} min(1, (K - j + 1) p_(j))
+
+Toy (the default): the offline toy world. Three disjoint prompt sets (common/toy.py): the arms train on
+TRAIN_PROMPTS (the study's copy of the toy ImageRewardDB keeps only their rows in its train split, only
+VALIDATION_PROMPTS' rows in its validation split and only TEST_PROMPTS' rows in its test split), every script's own
+check and any tuning look at VALIDATION_PROMPTS, the report at TEST_PROMPTS (--eval-prompts validation evaluates on
+the validation prompts instead, for tuning). --budget ci shrinks every step to seconds (tests/test_study.py). Real
+(--mode real): SD1.5, ImageRewardDB (hub id or folder; --offline-dir for local copies of everything), PartiPrompts as
+test prompts with every test prompt removed from the training and validation data (exact and normalised text).
 
 Usage:
-    python benchmarks/study.py                                   # toy, 3 seeds per arm, CPU
+    python benchmarks/study.py                                   # toy: 5 replicates, CPU (docs/study.md: the time)
+    python benchmarks/study.py --eval-prompts validation --seeds 100 101 102 103 104   # tuning: validation only
     python benchmarks/study.py --budget ci --seeds 0 1           # the reduced budget of the CI test
-    python benchmarks/study.py --mode real --dataset-source /data/ImageRewardDB --gpus 8 \\
-        --fid-reference /data/coco_val2014 --inception-path ~/inception-2015-12-05.pt
+    python benchmarks/study.py --mode real --gpus 8 --offline-dir /data/study_offline   # real, local copies
 A step whose output exists is skipped (run the same command again to resume after a failure). On the toy world the
-training runs go two at a time (--jobs 2), each with half the CPU cores, and evaluate.py samples in as many processes
-(torchrun on the CPU; its ranks split the images): on 2 cores that is faster than one process with two threads, as the
-toy models are too small to keep two threads busy (docs/study.md).
+steps of a phase go --jobs at a time (default 2), each with (CPU cores / jobs) threads: the toy models are too small
+to keep two threads busy, so two one-thread runs side by side nearly halve the time (docs/study.md).
 """
 
 import concurrent.futures
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow.parquet as pq
+import scipy.optimize
+import scipy.stats
 import tyro
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common.runtime import require  # noqa: E402
-from common.toy import PROMPT_FILES, TRAIN_PROMPTS, toy_world  # noqa: E402
+from common.toy import PROMPT_FILES, TEST_PROMPTS, TRAIN_PROMPTS, VALIDATION_PROMPTS, toy_world  # noqa: E402
 
 ARMS = ("dpo", "dpok", "sft", "rwsft")
 ARMS_BY_COST = ("dpok", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
+PRIMARY = ("dpo", "dpok")  # the primary comparison; its metric is the first scorer (toy: the true toy reward)
+SET_METRICS = ("fid", "kid", "is")
+# Real mode: what --offline-dir holds (docs/study.md lists the downloads and their sizes).
+OFFLINE = dict(model="stable-diffusion-v1-5", imagereward_db="ImageRewardDB", clip="clip-vit-large-patch14",
+               pickscore="PickScore_v1", pickscore_processor="CLIP-ViT-H-14-laion2B-s32B-b79K",
+               imagereward="ImageReward", bert="bert-base-uncased", prompts="partiprompts.txt",
+               fid_reference="coco_val2014", inception="inception-2015-12-05.pt")
 
 
 @dataclasses.dataclass
 class Args:
     mode: Literal["toy", "real"] = "toy"
     """toy: the offline toy world on a CPU; real: SD1.5 and ImageRewardDB on GPUs (the scripts' paper recipes)"""
-    seeds: tuple[int, ...] = (0, 1, 2)
-    """training seeds of every arm; evaluate.py treats them as units"""
+    seeds: tuple[int, ...] = (20, 21, 22, 23, 24)
+    """one replicate per seed (training seed of every arm and of its reward model; evaluation noise E(seed)). The
+    default is the confirmation run's fresh seeds (docs/study.md): tune on others, with --eval-prompts validation"""
+    eval_prompts: Literal["test", "validation"] = "test"
+    """where evaluate.py scores: test (the report; touch once) or validation (tuning, recipe choice, stopping rules)"""
+    images_per_prompt: int | None = None
+    """images per evaluation prompt and model; None: 20 on the toy world, 2 in real mode (FID needs >= 2,048 per run)"""
+    alpha: float = 0.05
+    """family-wise error rate: Holm over every test the report shows"""
     budget: Literal["full", "ci"] = "full"
     """toy only: full = the scripts' toy recipes; ci = a few steps each, to test the plumbing"""
     jobs: int | None = None
-    """training runs at once, each with (CPU cores / jobs) threads, and on the toy world evaluate.py's sampling
-    processes; None: 2 on the toy world, 1 in --mode real (each step there takes all --gpus)"""
+    """steps at once within a phase, each with (CPU cores / jobs) threads; None: 2 on the toy world, 1 in --mode real
+    (each step there takes all --gpus)"""
     output_dir: str = "runs/study"
-    """everything goes here: rm/, <arm>-s<seed>/, evaluate/, logs/, timings.json, report.md"""
+    """everything goes here: data/, rm-s<seed>/, <arm>-s<seed>/, evaluate-s<seed>/, logs/, timings.json, report.md"""
     gpus: int = 1
     """real: GPUs per step (torchrun --nproc_per_node); 1 runs plain python"""
+    offline_dir: str | None = None
+    """real: a folder with local copies of every model and data set (layout: OFFLINE in this file, docs/study.md);
+    None: hub ids (--model, --dataset-source) and the scripts' defaults"""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """real: the base pipeline"""
+    """real: the base pipeline (hub id or folder; --offline-dir overrides)"""
     dataset_source: str = "THUDM/ImageRewardDB"
-    """real: ImageRewardDB as a local folder (metadata-train.parquet gives DPOK's and rwsft's prompts)"""
+    """real: ImageRewardDB, hub id or folder (--offline-dir overrides); the study writes a filtered copy of its
+    metadata (images linked, not copied)"""
     prompts: str = "partiprompts"
-    """real: the held-out evaluation prompts (evaluate.py --prompts)"""
+    """real: the test prompts (evaluate.py --prompts; --offline-dir overrides)"""
     fid_reference: str | None = None
-    """real: FID/KID reference images for evaluate.py (None: no FID/KID)"""
+    """real: FID/KID reference images for evaluate.py (None: no FID/KID; --offline-dir supplies one)"""
     inception_path: str | None = None
-    """real: clean-fid's inception-2015-12-05.pt for FID, KID and IS"""
+    """real: clean-fid's inception-2015-12-05.pt for FID, KID and IS (--offline-dir supplies one)"""
 
 
-def jobs_of(args: Args) -> int:
-    """Steps at once: --jobs, or 2 on the toy world and 1 in --mode real (each step there takes all --gpus)."""
-    jobs = args.jobs if args.jobs is not None else (2 if args.mode == "toy" else 1)
-    require(jobs >= 1 and (args.mode == "toy" or jobs == 1),
-            f"--jobs {args.jobs}: must be >= 1, and 1 in --mode real (each step takes all --gpus)")
-    return jobs
+# ------------------------------------------------------------------------------------------ the statistics
 
 
-def toy_training_data(out: Path) -> Path:
-    """A copy of the toy ImageRewardDB whose train split keeps only TRAIN_PROMPTS' rows (the held-out prompts are
-    never trained on); the other splits and the image zips are linked, not copied. The toy world is not touched."""
-    src, dst = toy_world().imagereward, out / "imagereward_train_prompts"
-    if (dst / "metadata-train.parquet").exists():
-        return dst
+def seed_level_test(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> dict:
+    """Arm A against arm B (or the base) on one metric, the replicate as the unit. a, b: (n,) per-replicate values,
+    paired by replicate (the same evaluation noise E(s), and for A vs B both trained with seed s).
+
+        d_s = a_s - b_s,   mean = (1/n) Σ d_s,   se = sd(d) / √n  (sd with n - 1)
+        t = mean / se,     p = 2 P(T_{n-1} > |t|),    interval mean ± t_{n-1, (1+confidence)/2} · se
+
+    (scipy.stats.ttest_rel(a, b) computes the same t and p.) A d with no spread gives p = 0 if its mean is not 0,
+    else 1, and a point interval."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n, mean = len(d), float(d.mean())
+    require(n >= 2, f"a seed-level test needs >= 2 replicates, got {n}")
+    se = float(d.std(ddof=1) / np.sqrt(n))
+    if se == 0:
+        p, half = (0.0 if mean != 0 else 1.0), 0.0
+    else:
+        p = float(2 * scipy.stats.t.sf(abs(mean / se), n - 1))
+        half = float(scipy.stats.t.ppf((1 + confidence) / 2, n - 1) * se)
+    return dict(n=n, mean_a=float(np.mean(a)), mean_b=float(np.mean(b)), diff=mean, ci=(mean - half, mean + half),
+                sd=float(d.std(ddof=1)), p=p, a_wins=int((d > 0).sum()))
+
+
+def holm(pvalues: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p in the input order: p~_(i) = max_{j <= i} min(1, (K - j + 1) p_(j)) (Holm 1979)."""
+    order, adjusted, running = np.argsort(pvalues, kind="stable"), [0.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def detectable_effect(sd: float, n: int, alpha: float, power: float = 0.8) -> float:
+    """The smallest true mean difference δ that the two-sided paired t-test over n replicates detects with the given
+    power at level alpha, when the replicate differences spread by sd: the δ with
+
+        P(|T| > t_{n-1, 1-α/2}) = power,   T ~ noncentral t(n - 1, δ √n / sd)."""
+    crit = scipy.stats.t.ppf(1 - alpha / 2, n - 1)
+    # the far tail P(T < -crit) is ~0 for δ > 0, and scipy's nct.cdf returns NaN there for some nc: count it as 0
+    reach = lambda nc: scipy.stats.nct.sf(crit, n - 1, nc) + np.nan_to_num(  # noqa: E731
+        scipy.stats.nct.cdf(-crit, n - 1, nc)) - power
+    high = 1.0
+    while reach(high) < 0 and high < 1e4:  # widen the bracket until the power is reached
+        high *= 2
+    if not reach(high) >= 0:  # n too small for this alpha (or nct out of its range): nothing is detectable
+        return float("inf")
+    return float(scipy.optimize.brentq(reach, 0.0, high) * sd / np.sqrt(n))
+
+
+# ------------------------------------------------------------------------------------------ prompt sets and data
+
+
+def normalise(prompt: str) -> str:
+    """For the leak check: Unicode NFKC, case-folded, punctuation dropped, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", prompt).casefold()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def check_disjoint(sets: dict[str, list[str]]) -> None:
+    """Raise, naming the prompt and both sets, if any two prompt sets share a prompt (exact or normalised text)."""
+    names = list(sets)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = {normalise(p) for p in sets[a]} & {normalise(p) for p in sets[b]}
+            if shared:
+                raise ValueError(f"prompt sets {a} and {b} share {len(shared)} prompt(s) (exact or normalised "
+                                 f"text), e.g. {sorted(shared)[0]!r}")
+
+
+def filtered_imagereward(src: Path, dst: Path, keep: dict[str, list[str] | None], drop: list[str]) -> dict:
+    """A copy of ImageRewardDB's metadata whose split `name` keeps only the rows whose prompt is in keep[name] (None:
+    every row) and not in `drop` (normalised text); the image folders are linked, not copied; nothing in src changes.
+    Returns {split: (rows read, rows kept, prompts kept)}; the kept prompts are written to dst/prompts-<split>.txt."""
+    counts, dropped = {}, {normalise(p) for p in drop}
     dst.mkdir(parents=True, exist_ok=True)
-    for split in ("validation", "test"):
-        (dst / f"metadata-{split}.parquet").symlink_to(src / f"metadata-{split}.parquet")
-    (dst / "images").symlink_to(src / "images")
-    table = pq.read_table(src / "metadata-train.parquet")
-    keep = [p in TRAIN_PROMPTS for p in table.column("prompt").to_pylist()]
-    pq.write_table(table.filter(keep), dst / "metadata-train.parquet.tmp")
-    (dst / "metadata-train.parquet.tmp").rename(dst / "metadata-train.parquet")
-    return dst
+    if not (dst / "images").exists():
+        (dst / "images").symlink_to((src / "images").resolve())
+    for split, prompts in keep.items():
+        table = pq.read_table(src / f"metadata-{split}.parquet")
+        wanted = None if prompts is None else set(prompts)
+        rows = [(wanted is None or p in wanted) and normalise(p) not in dropped
+                for p in table.column("prompt").to_pylist()]
+        kept = table.filter(rows)
+        tmp = dst / f"metadata-{split}.parquet.tmp"
+        pq.write_table(kept, tmp)
+        tmp.rename(dst / f"metadata-{split}.parquet")
+        names = list(dict.fromkeys(kept.column("prompt").to_pylist()))
+        (dst / f"prompts-{split}.txt").write_text("".join(p.replace("\n", " ") + "\n" for p in names))
+        counts[split] = (table.num_rows, kept.num_rows, len(names))
+    return counts
 
 
-def commands(args: Args, out: Path) -> list[tuple[str, list[str], Path]]:
-    """(step name, command, the file whose presence means the step is done), in order."""
+def local_imagereward(source: str) -> Path:
+    """ImageRewardDB as a folder: itself, or the hub snapshot the scripts would download anyway (metadata of every
+    split, the images of train and validation, the splits the arms read)."""
+    if Path(source).is_dir():
+        return Path(source)
+    import huggingface_hub
+
+    patterns = [f"metadata-{s}.parquet" for s in ("train", "validation", "test")] + ["images/train/*",
+                                                                                       "images/validation/*"]
+    return Path(huggingface_hub.snapshot_download(source, repo_type="dataset", allow_patterns=patterns))
+
+
+def prepare_data(args: Args, out: Path) -> dict:
+    """The three prompt sets and the filtered data every arm and metric reads; checks they are disjoint."""
+    data = out / "data"
+    if args.mode == "toy":
+        src = toy_world().imagereward
+        sets = dict(train=TRAIN_PROMPTS, validation=VALIDATION_PROMPTS, test=TEST_PROMPTS)
+        counts = filtered_imagereward(src, data / "imagereward", dict(sets), drop=[])
+    else:
+        src = local_imagereward(paths_of(args)["dataset_source"])
+        from common.data import load_prompts
+
+        test = load_prompts(paths_of(args)["prompts"])
+        # train and validation lose every test prompt; validation also every train prompt
+        counts = filtered_imagereward(src, data / "imagereward", dict(train=None), drop=test)
+        train = (data / "imagereward" / "prompts-train.txt").read_text().splitlines()
+        counts |= filtered_imagereward(src, data / "imagereward", dict(validation=None), drop=test + train)
+        sets = dict(train=train, validation=(data / "imagereward" / "prompts-validation.txt").read_text().splitlines(),
+                    test=test)
+    check_disjoint(sets)
+    empty = [name for name, prompts in sets.items() if not prompts]
+    require(not empty, f"prompt sets {empty} are empty after removing the test prompts (and, from validation, the "
+            f"train prompts): {data / 'imagereward'}")
+    files = {}
+    for name, prompts in sets.items():
+        files[name] = data / f"prompts-{name}.txt"
+        files[name].write_text("".join(p + "\n" for p in prompts))
+    return dict(imagereward=data / "imagereward", prompt_files=files, counts=counts,
+                sizes={k: len(v) for k, v in sets.items()})
+
+
+def paths_of(args: Args) -> dict[str, str | None]:
+    """Real mode: where each model and data set comes from, --offline-dir's copies when given."""
+    d = Path(args.offline_dir) if args.offline_dir else None
+    at = lambda key: str(d / OFFLINE[key]) if d else None  # noqa: E731
+    return dict(model=at("model") or args.model, dataset_source=at("imagereward_db") or args.dataset_source,
+                prompts=at("prompts") or args.prompts, clip=at("clip"), pickscore=at("pickscore"),
+                pickscore_processor=at("pickscore_processor"), imagereward=at("imagereward"), bert=at("bert"),
+                fid_reference=at("fid_reference") or args.fid_reference,
+                inception=at("inception") or args.inception_path)
+
+
+# ------------------------------------------------------------------------------------------ the steps
+
+
+def evaluation_seed(seed: int) -> int:
+    """E(s): evaluate.py draws image j of prompt i with E(s) + i + 100000 j, so replicates 10^8 apart never share
+    noise (up to 10^5 prompts and 10^3 images per prompt), and every model of a replicate shares it."""
+    return (seed + 1) * 100_000_000
+
+
+def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str], Path]]:
+    """(phase, step name, command, the file whose presence means the step is done), in order of phases."""
     toy, ci = args.mode == "toy", args.budget == "ci" and args.mode == "toy"
-    # One process, or `procs` under torchrun (torch.distributed.run of this interpreter, so no PATH lookup): --gpus per
-    # step, and on the toy world --jobs for evaluate.py, whose ranks split the images as training runs split the cores.
-    run = lambda script, procs=args.gpus: ([sys.executable] if procs == 1 else [  # noqa: E731
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"]
+    src = paths_of(args) if not toy else {}
+    # One process, or `procs` under torchrun (torch.distributed.run of this interpreter, so no PATH lookup).
+    run = lambda script: ([sys.executable] if args.gpus == 1 or toy else [  # noqa: E731
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"]
     ) + [str(REPO / script)]
-    base = ["--toy"] if toy else []
-    data = str(toy_training_data(out)) if toy else args.dataset_source
-    train_prompts = str(PROMPT_FILES["train"]) if toy else f"{args.dataset_source}/metadata-train.parquet"
-    rm = out / "rm"
-    steps = [("reward model", run("reward_model.py") + base + [
-        "--dataset", "imagereward", "--dataset-source", f"imagereward={data}", "--output-dir", str(rm),
-        "--cache-dir", str(out / "embedding_cache")] + (["--steps", "5"] if ci else []), rm / "final")]
-    model = [] if toy else ["--model", args.model]
-    # Each toy script's own check (eval.json) at half its toy size: on the study's held-out prompts evaluate.py is
-    # where the numbers come from, and the minute this saves pays for its 20 images per prompt (below).
-    own_check = ["--reward-seeds", "2"] if toy and not ci else []
+    base = ["--toy"] if toy else ["--model", src["model"]]
+    ir, files = str(data["imagereward"]), data["prompt_files"]
+    clip = ["--clip-path", src["clip"]] if src.get("clip") else []
+    # Each toy script's own check (eval.json) at half its toy size, on the validation prompts: evaluate.py on the
+    # test prompts is where the study's numbers come from.
+    own = (["--reward-seeds", "2"] if toy and not ci else []) + ["--validation-prompts", str(files["validation"])]
+    steps = []
     for seed in args.seeds:
-        s = ["--seed", str(seed)]
+        s, rm = ["--seed", str(seed)], out / f"rm-s{seed}"
+        steps.append(("reward models", f"reward model seed {seed}", run("reward_model.py") + (["--toy"] if toy else [])
+                      + s + clip + ["--dataset", "imagereward", "--dataset-source", f"imagereward={ir}",
+                                    "--imagereward-eval-split", "validation", "--output-dir", str(rm),
+                                    "--cache-dir", str(out / "embedding_cache")] + (["--steps", "5"] if ci else []),
+                      rm / "final"))
+    for seed in args.seeds:
+        s, rm = ["--seed", str(seed)], out / f"rm-s{seed}" / "final"
+        learned = ["--scorer", "reward-model", "--scorer-path", str(rm)] + clip
         arm = {
-            "dpo": run("diffusion_dpo.py") + base + model + s + [
-                "--dataset", "imagereward", "--dataset-source", data] + (
+            "dpo": run("diffusion_dpo.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
                 ["--steps", "3", "--eval-pairs", "16", "--reward-seeds", "1"] if ci else
-                own_check + (["--eval-draws", "4"] if own_check else [])),
-            "dpok": run("dpok.py") + base + model + s + [
-                "--scorer", "reward-model", "--scorer-path", str(rm / "final"), "--prompts", train_prompts] +
-                (["--steps", "2", "--num-validation-prompts", "12"] if ci else []),
-            "sft": run("sft.py") + base + model + s + [
-                "--data", "preferred", "--dataset", "imagereward", "--dataset-source", data] +
-                (["--steps", "3", "--reward-seeds", "1"] if ci else own_check),
-            "rwsft": run("sft.py") + base + model + s + [
-                "--data", "generated", "--scorer", "reward-model", "--scorer-path", str(rm / "final"), "--reg", "kl",
-                "--prompts", train_prompts, "--generated-dir", str(out / "sft_generated")] +
-                (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else own_check),
+                ["--eval-draws", "4"] if toy else []),
+            "dpok": run("dpok.py") + base + s + learned + ["--prompts", str(files["train"]), "--validation-prompts",
+                                                           str(files["validation"])] +
+                    (["--steps", "2", "--num-validation-prompts", "6"] if ci else []),
+            "sft": run("sft.py") + base + s + own + ["--data", "preferred", "--dataset", "imagereward",
+                                                     "--dataset-source", ir] +
+                   (["--steps", "3", "--reward-seeds", "1"] if ci else []),
+            "rwsft": run("sft.py") + base + s + own + learned + [
+                "--data", "generated", "--reg", "kl", "--prompts", str(files["train"]),
+                "--generated-dir", str(out / f"sft_generated-s{seed}")] +
+                (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else []),
         }
         for name, cmd in arm.items():
             folder = out / f"{name}-s{seed}"
-            steps.append((f"{name} seed {seed}", cmd + ["--output-dir", str(folder)], folder / "eval.json"))
-    candidates = [f"{a}=" + ",".join(str(out / f"{a}-s{seed}") for seed in args.seeds) for a in ARMS]
-    evaluate = run("evaluate.py", jobs_of(args) if toy else args.gpus) + base + [
-        "--candidates", *candidates, "--summary-against", "dpo", "--output-dir", str(out / "evaluate")]
-    if toy:
-        evaluate += ["--scorers", "toy", "clip", "reward-model", "--scorer-paths", f"clip={toy_world().clip}",
-                     f"reward-model={rm / 'final'}"]
-        # 20 images per held-out prompt (evaluate.py --toy: 8): a seed's gain of ~0.015 in the true reward that sits
-        # in a few images is not seen on 96 (docs/dpok.md, "On a learned reward" point 5); 20 is what the 15-minute
-        # budget leaves room for (docs/study.md).
-        evaluate += ["--images-per-prompt", "2", "--n-resamples", "500", "--set-resamples", "30",
-                     "--rating-pairs", "4"] if ci else ["--images-per-prompt", "20"]
-    else:
-        evaluate += ["--model", args.model, "--prompts", args.prompts, "--scorers", "clip", "pickscore",
-                     "reward-model", "--scorer-paths", f"reward-model={rm / 'final'}"]
-        evaluate += ["--fid-reference", args.fid_reference] if args.fid_reference else []
-        evaluate += ["--inception-path", args.inception_path] if args.inception_path else []
-    steps.append(("evaluate", evaluate, out / "evaluate" / "results.json"))
+            steps.append(("training", f"{name} seed {seed}", cmd + ["--output-dir", str(folder)],
+                          folder / "eval.json"))
+    k = args.images_per_prompt or (2 if ci else 20 if toy else 2)
+    for i, seed in enumerate(args.seeds):
+        folder = out / f"evaluate-s{seed}"
+        cmd = run("evaluate.py") + base + [
+            "--candidates", *[f"{a}={out / f'{a}-s{seed}'}" for a in ARMS], "--seed", str(evaluation_seed(seed)),
+            "--prompts", str(files[args.eval_prompts]), "--images-per-prompt", str(k), "--output-dir", str(folder),
+            # the double-blind rating kit once, from the first replicate's images (docs/rating_kit.md)
+            "--rating-pairs", str((4 if ci else 12 if toy else 50) if i == 0 else 0)]
+        rm = str(out / f"rm-s{seed}" / "final")
+        if toy:
+            cmd += ["--scorers", "toy", "clip", "reward-model", "--scorer-paths", f"clip={toy_world().clip}",
+                    f"reward-model={rm}"] + (["--n-resamples", "500", "--set-resamples", "30"] if ci else
+                                             ["--set-resamples", "50"])
+        else:
+            weights = {"reward-model": rm, "imagereward": src["imagereward"], "pickscore": src["pickscore"],
+                       "clip": src["clip"]}
+            procs = {"imagereward": src["bert"], "pickscore": src["pickscore_processor"]}
+            cmd += ["--scorers", "imagereward", "pickscore", "clip", "reward-model", "--scorer-paths",
+                    *[f"{k}={v}" for k, v in weights.items() if v]]  # each list flag once: tyro does not append
+            cmd += ["--clip-paths", *[f"{k}={v}" for k, v in procs.items() if v]] if any(procs.values()) else []
+            cmd += ["--fid-reference", src["fid_reference"]] if src["fid_reference"] else []
+            cmd += ["--inception-path", src["inception"]] if src["inception"] else []
+        steps.append(("evaluation", f"evaluate seed {seed}", cmd, folder / "results.json"))
     return steps
 
 
-def per_run_table(results: dict, seeds: tuple[int, ...]) -> list[str]:
-    """Every training run against the base on the held-out prompts, images as units: the mean of each metric, base ->
-    run, with two uncorrected two-sided p over the n x k fixed-seed images (paired by prompt and seed): the paired
-    t-test, whether the mean moved (dpok.py's eval.json check uses it, one-sided), and the Wilcoxon signed-rank test,
-    whether most images moved. They differ where a gain sits in a few images (DPOK turning red prompts red: a mean
-    gain the signed ranks barely see; docs/study.md). The summary above treats seeds as units; this asks of each seed
-    alone whether it moved the model."""
-    import scipy.stats
+# ------------------------------------------------------------------------------------------ the report
 
-    from evaluate import wilcoxon_test
 
-    base = results["runs"]["base"]["per_image"]
-    metrics = list(base)
-    lines = ["## Each run against the base on the held-out prompts (images as units, uncorrected)", "",
-             f"Mean over the {results['n_prompts']} x {results['images_per_prompt']} held-out fixed-seed images, base "
-             "-> run, and two two-sided p over those images paired by prompt and seed: the paired t-test (t: did the "
-             "mean move?) and the Wilcoxon signed-rank test (W: did most images move?).", "",
-             "| run | " + " | ".join(f"{m} base -> run (t p; W p)" for m in metrics) + " |",
-             "|---" * (len(metrics) + 1) + "|"]
-    for arm, runs in results["arms"].items():
-        if arm == "base":
-            continue
-        for seed, run in zip(seeds if len(runs) > 1 else (None,), runs):
-            cells = []
+def replicate_values(out: Path, seeds: tuple[int, ...]) -> tuple[dict, list[str]]:
+    """values[model][metric] = (n,) per-replicate values on the evaluation prompts: the mean over prompts x images of
+    each per-image scorer, and FID / KID / IS of the run's images; model in base + ARMS."""
+    values, metrics = {}, []
+    for seed in seeds:
+        res = json.loads((out / f"evaluate-s{seed}" / "results.json").read_text())
+        metrics = list(res["args"]["scorers"]) + [m for m in SET_METRICS if m in res["runs"]["base"]]
+        for model in ("base",) + ARMS:
+            run = res["runs"][res["arms"][model][0]]
             for m in metrics:
-                a, b = np.asarray(base[m]).ravel(), np.asarray(results["runs"][run]["per_image"][m]).ravel()
-                t = scipy.stats.ttest_rel(b, a).pvalue if np.any(b != a) else 1.0
-                cells.append(f"{a.mean():.4g} -> {b.mean():.4g} (t {t:.2g}; W {wilcoxon_test(b - a):.2g})")
-            lines.append(f"| {arm}" + (f" seed {seed}" if seed is not None else "") + " | " + " | ".join(cells) + " |")
-    return lines
+                v = float(np.mean(run["per_image"][m])) if m in run["per_image"] else float(run[m])
+                values.setdefault(model, {}).setdefault(m, []).append(v)
+    return {a: {m: np.array(v) for m, v in ms.items()} for a, ms in values.items()}, metrics
 
 
-def proxy_agreement(results: dict) -> list[str]:
-    """How well the learned reward ranks what the base model draws, by the true toy reward: Spearman's ρ between the
-    two over each held-out prompt's k images, averaged over prompts (toy only; DPOK climbs the learned reward, so
-    where the two disagree it makes the model worse by the true one: docs/dpok.md, "On a learned reward")."""
-    import scipy.stats
-
-    base = results["runs"]["base"]["per_image"]
-    if not {"toy", "reward-model"} <= set(base):
-        return []
-    rho = [scipy.stats.spearmanr(t, r).statistic for t, r in zip(base["toy"], base["reward-model"])]
-    rho = np.asarray(rho)[np.isfinite(rho)]
-    return [f"The learned reward against the true toy reward on the base model's held-out images: Spearman's ρ within "
-            f"a prompt (over its {results['images_per_prompt']} images) {rho.mean():.2f} on average over "
-            f"{len(rho)} prompts (lowest {rho.min():.2f}).", ""]
+def seed_tests(values: dict, metrics: list[str], alpha: float) -> list[dict]:
+    """Every comparison (each arm against the base, the arms pairwise; the primary first) x every metric, the
+    seed-level test of each, Holm across all of them: the report's whole family of tests."""
+    pairs = [PRIMARY] + [(a, "base") for a in ARMS] + [
+        (a, b) for i, a in enumerate(ARMS) for b in ARMS[i + 1:] if (a, b) != PRIMARY]
+    tests = [dict(a=a, b=b, metric=m, **seed_level_test(values[a][m], values[b][m])) for a, b in pairs for m in metrics]
+    for t, p in zip(tests, holm([t["p"] for t in tests])):
+        t["p_holm"], t["significant"] = p, p <= alpha
+    return tests
 
 
-def report(args: Args, out: Path, steps, timings: dict) -> str:
-    """report.md: the question and verdict, evaluate.py's report (its first table answers the question), each
-    training run's own base-vs-final check, what ran and how long it took."""
-    results = json.loads((out / "evaluate" / "results.json").read_text())
-    metric = results["args"]["scorers"][0]  # toy: the true toy reward; real: CLIP score
-    pair = next(c for c in results["comparisons"] if {c["a"], c["b"]} == {"dpo", "dpok"})
-    cell = pair["metrics"][metric]
-    win = cell["win_rate"] if pair["a"] == "dpo" else 1 - cell["win_rate"]
-    p = cell["p_wilcoxon_holm"]
-    verdict = (f"On {metric}, Diffusion-DPO's win rate against DPOK over the held-out prompts is {win:.0%} "
-               f"({'for' if win > 0.5 else 'against'} Diffusion-DPO; Holm-adjusted Wilcoxon p = {p:.2g}): " +
-               ("a significant difference at the 5 % level." if p < 0.05 else "no significant difference at the "
-                "5 % level with this many prompts and seeds."))
+def verdict(tests: list[dict], metric: str, alpha: float) -> str:
+    """The sentence the primary test supports, and no more."""
+    t = next(t for t in tests if (t["a"], t["b"], t["metric"]) == PRIMARY + (metric,))
+    head = (f"On the primary endpoint ({metric} on the test prompts), Diffusion-DPO minus DPOK is {t['diff']:+.4g} "
+            f"[{t['ci'][0]:.4g}, {t['ci'][1]:.4g}] over {t['n']} replicates (Diffusion-DPO ahead in {t['a_wins']} of "
+            f"{t['n']}; paired t-test p = {t['p']:.2g}, Holm-adjusted {t['p_holm']:.2g}): ")
+    if not t["significant"]:
+        return head + f"no significant difference at α = {alpha:g} after Holm; the design cannot tell them apart."
+    return head + f"{'Diffusion-DPO' if t['diff'] > 0 else 'DPOK'} is ahead at α = {alpha:g} after Holm."
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def training_curves(out: Path, seeds: tuple[int, ...]) -> Path | None:
+    """training_curves.png: per arm, its reward-like and its KL- or loss-like metric per logged step, one line per
+    seed (so that a seed that collapses is seen, not averaged away)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("dpo", "rewards/margin", "implicit reward margin"), ("dpo", "losses/loss", "DPO loss"),
+              ("dpok", "rewards/mean", "learned reward of its samples"), ("dpok", "losses/kl", "KL term"),
+              ("sft", "losses/loss", "loss"), ("rwsft", "losses/reg", "KL regulariser")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (arm, metric, label) in zip(axes.T.ravel(), panels):
+        for seed in seeds:
+            log = out / f"{arm}-s{seed}" / "metrics.jsonl"
+            rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+            xs = [r["step"] for r in rows if metric in r]
+            ax.plot(xs, [r[metric] for r in rows if metric in r], label=f"seed {seed}", lw=1.2, marker=".", ms=3)
+        ax.set_title(f"{arm}: {label}", fontsize=10)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str, list[dict]]:
+    """report.md: the protocol restated, the verdict, the seed-level table, every seed's value, the curves, each
+    run's own check, the data filtering, what ran and how long it took."""
+    values, metrics = replicate_values(out, args.seeds)
+    tests = seed_tests(values, metrics, args.alpha)
+    n, first = len(args.seeds), metrics[0]
+    first_eval = json.loads((out / f"evaluate-s{args.seeds[0]}" / "results.json").read_text())
+    base_sd = {m: float(np.std(values["base"][m], ddof=1)) if n > 1 else float("nan") for m in metrics}
     lines = ["# The study: Diffusion-DPO on ImageReward's comparisons vs DPOK on a reward model fitted to the same "
              "data vs SFT baselines", "",
-             f"Mode {args.mode}" + (f", budget {args.budget}" if args.mode == "toy" else "") +
-             f"; seeds {list(args.seeds)} per arm; evaluated on held-out prompts ({results['n_prompts']} prompts x "
-             f"{results['images_per_prompt']} images, DDIM {results['sample_steps']} steps, η {results['eta']:g}).",
-             "", f"**Verdict.** {verdict}", "",
-             "Arms: dpo = diffusion_dpo.py on ImageRewardDB's pairs; dpok = dpok.py on the reward model fitted by "
-             "reward_model.py; sft = sft.py on the preferred images; rwsft = sft.py reward-weighted on generated "
-             "images with the KL regulariser.", ""]
-    evaluation = (out / "evaluate" / "report.md").read_text()
-    lines += [evaluation.split("\n", 1)[1].strip(), ""]  # its title is replaced by this report's
-    lines += per_run_table(results, args.seeds) + [""] + proxy_agreement(results)
-    lines += ["## Each training run's own check (its eval.json: the reward of fixed-seed samples, base -> final)", "",
-              "The script's own test: dpok a one-sided paired t-test, the others a two-sided Wilcoxon test; each on "
-              "its own validation prompts (evaluate.py's held-out prompts are in the tables above).", "",
-              "| run | reward | base | final | p | warning |", "|---|---|---|---|---|---|"]
-    for name, _, done in steps[1:-1]:
-        e, run_args = json.loads(done.read_text()), json.loads((done.parent / "args.json").read_text())
-        reward = run_args.get("scorer") or "toy"  # dpok and sft: --scorer; dpo: the toy reward
-        base, final = e.get("reward_base", e.get("eval/reward_base")), e.get("reward_final", e.get("eval/reward_final"))
-        p_run = e.get("p_value", e.get("eval/reward_pvalue"))
-        show = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
-        lines.append(f"| {name} | {reward} | {show(base)} | {show(final)} | {show(p_run)} | {e.get('warning', '')} |")
+             "## The protocol (docs/study.md, fixed before the results)", "",
+             f"- Question: does Diffusion-DPO match DPOK (the primary comparison), and how do both and the SFT "
+             f"baselines compare with the base and each other (the secondary ones)?",
+             f"- Unit: the replicate, one per training seed ({n}: {list(args.seeds)}); each refits the reward model "
+             f"with its seed and trains every arm with it; evaluation noise is shared by the models of a replicate "
+             f"and new in each replicate.",
+             f"- Primary endpoint: {first} on the {args.eval_prompts} prompts ({first_eval['n_prompts']} prompts x "
+             f"{first_eval['images_per_prompt']} images per model, DDIM {first_eval['sample_steps']} steps, "
+             f"η {first_eval['eta']:g}), the mean per replicate.",
+             f"- Test: the paired t-test over replicates of d_s = m(A, s) - m(B, s), two-sided; Holm over all "
+             f"{len(tests)} tests below ({len(tests) // len(metrics)} comparisons x {len(metrics)} metrics, FID/KID/IS "
+             f"included) at α = {args.alpha:g}. Image-level numbers are descriptive only.", ""]
+    if args.eval_prompts != "test":
+        lines += ["**Evaluated on the validation prompts (tuning), not the test prompts: not a result.**", ""]
+    lines += [f"**Verdict.** {verdict(tests, first, args.alpha)}", "",
+              f"## 1. Seed-level tests (Holm-adjusted over all {len(tests)})", "",
+              "Mean over replicates of A and B, the mean difference with its 95 % t-interval, in how many replicates "
+              "A was ahead, the paired t-test p, Holm's p, and the smallest difference this many replicates detect "
+              f"with 80 % power at α/{len(tests)} (Holm's first step) given the observed spread of d.", "",
+              "| A vs B | metric | A | B | A - B [95 % CI] | A ahead | p | Holm p | detectable at α/K |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for t in tests:
+        mde = detectable_effect(t["sd"], n, args.alpha / len(tests)) if n > 1 and t["sd"] > 0 else float("nan")
+        star = " **" if t["significant"] else " "
+        lines.append(f"| {t['a']} vs {t['b']} | {t['metric']} | {fmt(t['mean_a'])} | {fmt(t['mean_b'])} | "
+                     f"{t['diff']:+.4g} [{fmt(t['ci'][0])}, {fmt(t['ci'][1])}] | {t['a_wins']}/{t['n']} | "
+                     f"{t['p']:.2g} |{star}{t['p_holm']:.2g}{star.strip()} | {fmt(mde)} |")
+    lines += ["", "## 2. Every replicate's value", "",
+              f"Each model's mean on the {args.eval_prompts} prompts per replicate (seed), and in how many replicates "
+              "each arm beat that replicate's base (lower is better for FID and KID). The base differs between "
+              "replicates only by the evaluation noise: its spread is what a model that does not change would show "
+              f"({', '.join(f'{m} sd {base_sd[m]:.2g}' for m in metrics)}).", "",
+              "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    lower_better = {"fid", "kid"}
+    for model in ("base",) + ARMS:
+        cells = []
+        for m in metrics:
+            v = values[model][m]
+            beat = "" if model == "base" else (
+                f"; beats base {int(((v < values['base'][m]) if m in lower_better else (v > values['base'][m])).sum())}"
+                f"/{n}")
+            cells.append(" / ".join(fmt(x) for x in v) + f" (mean {fmt(v.mean())}{beat})")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    curves = training_curves(out, args.seeds)
+    lines += ["", "## 3. Training curves, one line per seed", "", f"![training curves]({curves.name})", ""]
+    lines += image_level_noise(out, args.seeds, metrics)
+    lines += own_checks(steps)
+    lines += ["## 6. Prompt sets and data", "",
+              "Prompts per set: " + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()) +
+              " (no prompt in two sets, exact or normalised text). ImageRewardDB rows kept per split of the study's "
+              "copy (read, kept, prompts): " + "; ".join(f"{k} {v[0]} -> {v[1]} rows, {v[2]} prompts"
+                                                         for k, v in data["counts"].items()) + ".", ""]
+    lines += ["The double-blind rating kit (human evaluation) is in "
+              f"`evaluate-s{args.seeds[0]}/rating_kit/` (docs/rating_kit.md).", ""]
     total = sum(v for k, v in timings.items() if k != "wall clock")
     wall = f"{timings['wall clock'] / 60:.1f} min by the clock in the last invocation, " if "wall clock" in timings else ""
-    lines += ["", f"## What ran, and how long it took: {wall}{total / 60:.1f} min of steps (--jobs training runs at "
-              "once)", "", "| step | seconds | command |", "|---|---|---|"]
-    for name, cmd, _ in steps:
-        shown = " ".join(c.replace(str(REPO) + "/", "") for c in cmd[1:])
+    lines += [f"## 7. What ran, and how long it took: {wall}{total / 60:.1f} min of steps (--jobs steps at once)", "",
+              "| step | seconds | command |", "|---|---|---|"]
+    for _, name, cmd, _ in steps:
+        shown = " ".join(c.replace(str(REPO) + "/", "").replace(str(out) + "/", "") for c in cmd[1:])
         lines.append(f"| {name} | {timings.get(name, 0):.0f} | `{shown}` |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n", tests
+
+
+def image_level_noise(out: Path, seeds: tuple[int, ...], metrics: list[str]) -> list[str]:
+    """Descriptive: the standard error of a replicate's mean from its images alone (prompts x images), next to the
+    spread of the arms' per-replicate means: how much of the between-seed spread is evaluation noise."""
+    lines = ["## 4. Descriptive: evaluation noise within a replicate (not evidence)", "",
+             "The standard error of one model's replicate mean from its own images (sd over prompt means / √prompts, "
+             "averaged over the replicates), against the between-replicate sd of the arm's means. An image-level "
+             "test would treat the images of a prompt and a seed as independent units; the seed-level test above "
+             "does not.", "", "| model | " + " | ".join(f"{m}: image se; seed sd" for m in metrics
+                                                         if m not in SET_METRICS) + " |",
+             "|---" * (1 + len([m for m in metrics if m not in SET_METRICS])) + "|"]
+    per = {}
+    for seed in seeds:
+        res = json.loads((out / f"evaluate-s{seed}" / "results.json").read_text())
+        for model in ("base",) + ARMS:
+            run = res["runs"][res["arms"][model][0]]["per_image"]
+            for m, v in run.items():
+                prompt_means = np.asarray(v).mean(axis=1)
+                per.setdefault((model, m), []).append((float(prompt_means.std(ddof=1) / np.sqrt(len(prompt_means))),
+                                                       float(np.mean(v))))
+    for model in ("base",) + ARMS:
+        cells = []
+        for m in metrics:
+            if m in SET_METRICS:
+                continue
+            se, means = zip(*per[(model, m)])
+            cells.append(f"{np.mean(se):.2g}; {np.std(means, ddof=1) if len(means) > 1 else float('nan'):.2g}")
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def own_checks(steps) -> list[str]:
+    """Each training run's eval.json: its own base-vs-final check on the validation prompts (descriptive here)."""
+    lines = ["## 5. Each training run's own check, on the validation prompts (descriptive)", "",
+             "Its eval.json: the reward of fixed-seed samples, base -> final, and the script's own p (dpok: one-sided "
+             "paired t-test; the others: two-sided Wilcoxon; images as units, so not evidence here).", "",
+             "| run | reward | base | final | p | warning |", "|---|---|---|---|---|---|"]
+    show = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+    for phase, name, _, done in steps:
+        if phase != "training":
+            continue
+        e, run_args = json.loads(done.read_text()), json.loads((done.parent / "args.json").read_text())
+        base, final = e.get("reward_base", e.get("eval/reward_base")), e.get("reward_final", e.get("eval/reward_final"))
+        lines.append(f"| {name} | {run_args.get('scorer') or 'toy'} | {show(base)} | {show(final)} | "
+                     f"{show(e.get('p_value', e.get('eval/reward_pvalue')))} | {e.get('warning', '')} |")
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------ running it
 
 
 def run_step(name: str, cmd: list[str], out: Path, threads: int | None) -> float:
@@ -277,50 +550,53 @@ def run_step(name: str, cmd: list[str], out: Path, threads: int | None) -> float
 
 
 def main(args: Args) -> Path:
-    require(len(args.seeds) >= 1 and len(set(args.seeds)) == len(args.seeds), f"--seeds {args.seeds}: distinct")
-    require(args.mode == "toy" or Path(args.dataset_source).is_dir(),
-            f"--dataset-source {args.dataset_source}: --mode real needs a local ImageRewardDB folder")
-    jobs = jobs_of(args)
+    require(len(args.seeds) >= 2 and len(set(args.seeds)) == len(args.seeds),
+            f"--seeds {args.seeds}: at least 2 distinct seeds (the replicate is the unit of every test)")
+    require(args.images_per_prompt is None or args.images_per_prompt >= 1, "--images-per-prompt must be >= 1")
+    require(0 < args.alpha < 1, f"--alpha {args.alpha}: must be in (0, 1)")
+    jobs = args.jobs if args.jobs is not None else (2 if args.mode == "toy" else 1)
+    require(jobs >= 1 and (args.mode == "toy" or jobs == 1),
+            f"--jobs {args.jobs}: must be >= 1, and 1 in --mode real (each step takes all --gpus)")
     out = Path(args.output_dir).resolve()
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    steps = commands(args, out)
+    data = prepare_data(args, out)
+    steps = commands(args, out, data)
     timings_file = out / "timings.json"
     timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    for name, _, done in steps:
+    for _, name, _, done in steps:
         if done.exists():
             print(f"[study] {name}: done ({done} exists), skipped")
-    # The reward model first (DPOK and reward-weighted SFT score with it), the evaluation last, each alone with every
-    # core; the training runs in between are independent: --jobs of them at once, each with cores / jobs threads
-    # (on 2 cores two 1-thread runs finish sooner than one 2-thread run after another: docs/study.md), the slowest
-    # arms first so the last to start are short.
-    first, training, last = ([(name, cmd) for name, cmd, done in part if not done.exists()]
-                             for part in (steps[:1], steps[1:-1], steps[-1:]))
-    training.sort(key=lambda step: ARMS_BY_COST.index(step[0].split()[0]))
 
     def record(name: str, seconds: float) -> None:
         timings[name] = seconds
         timings_file.write_text(json.dumps(timings, indent=1) + "\n")
 
-    t_start = time.time()
-    for name, cmd in first:
-        record(name, run_step(name, cmd, out, None))
+    # Phases in order (the reward models share an embedding cache, so they run one after another with every core);
+    # the steps of the other phases are independent: --jobs at once, each with cores / jobs threads, the slowest first.
     threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        running = {pool.submit(run_step, name, cmd, out, threads): name for name, cmd in training}
-        failed = []
-        for future in concurrent.futures.as_completed(running):  # let the others finish, then name every failure
-            try:
-                record(running[future], future.result())
-            except ValueError as e:
-                failed.append(str(e))
-    require(not failed, "\n".join(failed))
-    for name, cmd in last:  # on the toy world, evaluate.py's --jobs sampling processes with cores / jobs threads
-        record(name, run_step(name, cmd, out, threads))
-    if first or training or last:
+    t_start, ran = time.time(), False
+    for phase in ("reward models", "training", "evaluation"):
+        todo = [(name, cmd) for p, name, cmd, done in steps if p == phase and not done.exists()]
+        if phase == "training":
+            todo.sort(key=lambda step: ARMS_BY_COST.index(step[0].split()[0]))
+        ran |= bool(todo)
+        width = 1 if phase == "reward models" else jobs
+        with concurrent.futures.ThreadPoolExecutor(width) as pool:
+            running = {pool.submit(run_step, name, cmd, out, threads if width > 1 else None): name
+                       for name, cmd in todo}
+            failed = []
+            for future in concurrent.futures.as_completed(running):  # let the others finish, then name each failure
+                try:
+                    record(running[future], future.result())
+                except ValueError as e:
+                    failed.append(str(e))
+        require(not failed, "\n".join(failed))
+    if ran:
         record("wall clock", time.time() - t_start)
-    text = report(args, out, steps, timings)
+    text, tests = report(args, out, data, steps, timings)
     (out / "report.md").write_text(text)
-    print(text + f"\nwrote {out / 'report.md'}")
+    (out / "tests.json").write_text(json.dumps(tests, indent=1) + "\n")
+    print(text + f"\nwrote {out / 'report.md'}, {out / 'tests.json'}, {out / 'training_curves.png'}")
     return out
 
 

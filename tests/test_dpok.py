@@ -259,12 +259,13 @@ def test_study_arm_on_a_learned_reward_raises_the_true_reward_on_held_out_prompt
 
     import reward_model
     from benchmarks.heldout_reward import scores
-    from benchmarks.study import toy_training_data
+    from benchmarks.study import Args as StudyArgs
+    from benchmarks.study import prepare_data
     from common.scorers import load_scorer
     from common.toy import PROMPT_FILES
 
     rm = tmp_path / "rm"
-    reward_model.main(reward_model.toy_args(dataset_source=(f"imagereward={toy_training_data(tmp_path)}",),
+    reward_model.main(reward_model.toy_args(dataset_source=(f"imagereward={prepare_data(StudyArgs(), tmp_path)['imagereward']}",),
                                             output_dir=str(rm), cache_dir=str(tmp_path / "cache")))
     out = tmp_path / "dpok"
     dpok.main(dpok.parse_args(["--toy", "--scorer", "reward-model", "--scorer-path", str(rm / "final"), "--prompts",

@@ -206,10 +206,11 @@ def test_fitted_on_training_prompts_it_ranks_the_models_own_held_out_samples_lik
     import scipy.stats
     from diffusers import StableDiffusionPipeline
 
-    from benchmarks.study import toy_training_data
+    from benchmarks.study import Args as StudyArgs
+    from benchmarks.study import prepare_data
     from common.toy import HELDOUT_PROMPTS, toy_reward
 
-    args = rm.toy_args(dataset_source=(f"imagereward={toy_training_data(tmp_path)}",),
+    args = rm.toy_args(dataset_source=(f"imagereward={prepare_data(StudyArgs(), tmp_path)['imagereward']}",),
                        output_dir=str(tmp_path / "run"), cache_dir=str(cache_dir), eval_every=1000)
     rm.main(args)
     scorer = load_scorer("reward-model", str(tmp_path / "run" / "final"))

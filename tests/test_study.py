@@ -1,4 +1,5 @@
-"""benchmarks/study.py: the whole study on a reduced toy budget, and what its report must contain."""
+"""benchmarks/study.py: the whole study on a reduced toy budget, its protocol (three disjoint prompt sets, the
+replicate as the unit, Holm over every test), and what its report must contain."""
 
 import json
 import os
@@ -8,68 +9,127 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import scipy.stats
 
+from common import toy
+from evaluate import holm
+
 REPO = Path(__file__).resolve().parent.parent
-ARMS = ("base", "dpo", "dpok", "sft", "rwsft")
-METRICS = ("toy", "clip", "reward-model")
+sys.path.insert(0, str(REPO / "benchmarks"))
+import study  # noqa: E402
+
+ARMS = ("dpo", "dpok", "sft", "rwsft")
 
 
-def test_study_runs_end_to_end_and_its_report_answers_the_question(world, tmp_path):
+def test_study_runs_end_to_end_with_the_replicate_as_unit_and_each_loader_on_its_own_prompts(world, tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, str(REPO / "benchmarks" / "study.py"), "--budget", "ci", "--seeds", "0", "1",
            "--output-dir", str(out)]
     subprocess.run(cmd, check=True, cwd=REPO)
     report = (out / "report.md").read_text()
-    results = json.loads((out / "evaluate" / "results.json").read_text())
-    # every arm, with its two seeds as units
-    assert list(results["models"]) == list(ARMS)
-    assert results["arms"]["dpok"] == ["dpok_run0", "dpok_run1"] and results["models"]["dpo"]["n_runs"] == 2
-    # all 10 comparisons x 3 metrics, each with intervals and a p-value Holm-adjusted over all 30 cells
-    assert len(results["comparisons"]) == 10
-    cells = [s for c in results["comparisons"] for s in c["metrics"].values()]
-    assert len(cells) == 30 and all(set(c["metrics"]) == set(METRICS) for c in results["comparisons"])
-    raw = sorted(s["p_wilcoxon"] for s in cells)
-    smallest = min(cells, key=lambda s: s["p_wilcoxon"])
-    assert smallest["p_wilcoxon_holm"] == min(1.0, 30 * raw[0])  # the first Holm step multiplies by all 30
-    for s in cells:
-        assert s["p_wilcoxon_holm"] >= s["p_wilcoxon"] and s["ci_diff"][0] <= s["diff"] <= s["ci_diff"][1]
-    seeded = next(c for c in results["comparisons"] if (c["a"], c["b"]) == ("dpok", "base"))["metrics"]["toy"]
-    assert seeded["seeds_a"] == 2 and "seeds" in seeded["interval"]
+    tests = json.loads((out / "tests.json").read_text())
+    sets = {"train": toy.TRAIN_PROMPTS, "validation": toy.VALIDATION_PROMPTS, "test": toy.TEST_PROMPTS}
+    # every file an arm or a held-out metric reads holds its own prompt set only
+    for split, prompts in sets.items():
+        assert (out / "data" / f"prompts-{split}.txt").read_text().splitlines() == prompts
+        read = set(pq.read_table(out / "data" / "imagereward" / f"metadata-{split}.parquet").column("prompt").to_pylist())
+        assert read and read <= set(prompts)
+    for seed in (0, 1):
+        args = {a: json.loads((out / f"{a}-s{seed}" / "args.json").read_text()) for a in ARMS}
+        assert args["dpok"]["prompts"] == args["rwsft"]["prompts"] == str(out / "data" / "prompts-train.txt")
+        assert all(args[a]["validation_prompts"] == str(out / "data" / "prompts-validation.txt") for a in ARMS)
+        assert args["dpo"]["dataset_source"] == args["sft"]["dataset_source"] == str(out / "data" / "imagereward")
+        assert json.loads((out / f"rm-s{seed}" / "args.json").read_text())["imagereward_eval_split"] == "validation"
+        checked = {a: json.loads((out / f"{a}-s{seed}" / "eval.json").read_text()) for a in ARMS}  # own checks
+        assert set(checked["dpok"]["validation_prompts"]) <= set(toy.VALIDATION_PROMPTS)
+        for a in ("dpo", "sft", "rwsft"):
+            assert checked[a]["reward_prompts"] and set(checked[a]["reward_prompts"]) <= set(toy.VALIDATION_PROMPTS)
+        evaluated = json.loads((out / f"evaluate-s{seed}" / "results.json").read_text())
+        assert evaluated["args"]["prompts"] == str(out / "data" / "prompts-test.txt") and evaluated["n_prompts"] == 6
+        assert evaluated["args"]["seed"] == study.evaluation_seed(seed)  # new noise per replicate, shared by its models
+        parts = list((out / f"sft_generated-s{seed}").rglob("part-*.parquet"))  # rwsft's generated set
+        captions = {c for f in parts for c in pq.read_table(f, columns=["caption"]).column("caption").to_pylist()}
+        assert parts and captions <= set(toy.TRAIN_PROMPTS)
+    # the seed-level tests: the paired t-test over replicates on each metric's per-replicate value, against scipy
+    values, metrics = study.replicate_values(out, (0, 1))
+    assert metrics == ["toy", "clip", "reward-model", "fid", "kid", "is"]
+    assert len(tests) == 10 * 6 and (tests[0]["a"], tests[0]["b"], tests[0]["metric"]) == ("dpo", "dpok", "toy")
+    for t in tests:
+        a, b = values[t["a"]][t["metric"]], values[t["b"]][t["metric"]]
+        expected = scipy.stats.ttest_rel(a, b).pvalue if np.ptp(a - b) > 0 else float(np.mean(a - b) == 0)
+        assert t["p"] == pytest.approx(expected, rel=1e-9, abs=1e-12) and t["n"] == 2
+    res = json.loads((out / "evaluate-s1" / "results.json").read_text())
+    assert values["dpok"]["toy"][1] == pytest.approx(np.mean(res["runs"]["dpok"]["per_image"]["toy"]))
+    assert values["sft"]["fid"][1] == pytest.approx(res["runs"]["sft"]["fid"])
+    # Holm over the whole family the report shows (evaluate.py's holm is tested against its formula there)
+    assert [t["p_holm"] for t in tests] == pytest.approx(holm([t["p"] for t in tests]))
+    # the report: protocol, the verdict from the primary test, then the seed-level table as its first table
+    assert report.index("## The protocol") < report.index("**Verdict.**") < report.index("## 1. Seed-level tests")
+    first = report[report.index("## 1. Seed-level tests"):].split("\n\n")[2].splitlines()
+    assert first[0].startswith("| A vs B | metric |") and first[2].startswith("| dpo vs dpok | toy |")
+    assert len(first) == 2 + 60 and "Holm-adjusted over all 60" in report
+    primary = tests[0]
+    assert f"paired t-test p = {primary['p']:.2g}, Holm-adjusted {primary['p_holm']:.2g}" in report
+    assert "win rate" not in report.split("## 1.")[0]  # the verdict comes from the primary test, not a win rate
+    assert "| dpok | " in report and "beats base" in report and (out / "training_curves.png").stat().st_size > 10_000
+    assert (out / "evaluate-s0" / "rating_kit").is_dir() and not (out / "evaluate-s1" / "rating_kit").exists()
     for arm in ARMS:
-        for s in ("fid", "kid", "is"):
-            low, high = results["models"][arm]["ci_" + s]
-            assert low <= results["models"][arm][s] <= high
-    # the report: the verdict, then the first table with one row per arm and every metric's column
-    assert "**Verdict.**" in report
-    first_table = report[report.index("## Summary"):].split("\n\n")[1]
-    rows = [line for line in first_table.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
-    assert [r.split(" | ")[0].strip("| ") for r in rows] == list(ARMS)
-    header = first_table.splitlines()[0]
-    for m in METRICS:
-        assert f"{m} mean" in header and f"{m} win vs base (Holm p)" in header and f"{m} win vs dpo (Holm p)" in header
-    for s in ("FID", "KID", "IS"):
-        assert f"| {s} |" in header or f"| {s}" in header
-    dpok_row = next(r for r in rows if r.startswith("| dpok |"))
-    assert len(re.findall(r"\[[-0-9.e]+, [-0-9.e]+\] \([0-9.e-]+\)", dpok_row)) == 6  # win rates vs base and dpo
-    assert "Holm-adjusted across all 30" in report and "What ran, and how long it took" in report
-    # each training run's own check and the rating kit, one page per comparison
-    for arm in ARMS[1:]:
         for seed in (0, 1):
             assert f"| {arm} seed {seed} |" in report
-    assert len(list((out / "evaluate" / "rating_kit").glob("page_*.html"))) == 10
-    # each seed of each arm against the base, images as units: the p equal scipy's paired t-test and Wilcoxon on the images
-    per_run = report[report.index("## Each run against the base on the held-out prompts"):].split("\n\n")[2]
-    row = next(line for line in per_run.splitlines() if line.startswith("| dpok seed 1 |"))
-    base, run = (np.ravel(results["runs"][r]["per_image"]["toy"]) for r in ("base", "dpok_run1"))
-    p = scipy.stats.wilcoxon(run[run != base] - base[run != base]).pvalue
-    t = scipy.stats.ttest_rel(run, base).pvalue
-    assert row.split(" | ")[1] == f"{base.mean():.4g} -> {run.mean():.4g} (t {t:.2g}; W {p:.2g})"
     # run again: every step is found done, nothing is retrained, the report is rewritten the same
     stamp = (out / "dpo-s0" / "eval.json").stat().st_mtime_ns
     subprocess.run(cmd, check=True, cwd=REPO)
     assert (out / "dpo-s0" / "eval.json").stat().st_mtime_ns == stamp and (out / "report.md").read_text() == report
+
+
+def test_seed_level_test_against_scipy_on_known_data():
+    a, b = np.array([0.21, 0.25, 0.19, 0.24, 0.22]), np.array([0.17, 0.18, 0.18, 0.20, 0.16])
+    got = study.seed_level_test(a, b)
+    ref = scipy.stats.ttest_rel(a, b)
+    assert got["p"] == pytest.approx(ref.pvalue, rel=1e-12) and got["diff"] == pytest.approx(np.mean(a - b))
+    low, high = ref.confidence_interval(0.95)
+    assert got["ci"] == pytest.approx((low, high), rel=1e-12) and got["a_wins"] == 5 and got["n"] == 5
+    assert study.seed_level_test(b, a)["p"] == pytest.approx(got["p"]) and study.seed_level_test(b, a)["a_wins"] == 0
+    # no spread: exact, without dividing by zero
+    assert study.seed_level_test(a + 0.01, a)["p"] == 0.0 and study.seed_level_test(a, a.copy())["p"] == 1.0
+    with pytest.raises(ValueError, match="at least 2|>= 2"):
+        study.seed_level_test(a[:1], b[:1])
+
+
+def test_detectable_effect_has_the_stated_power_in_simulation():
+    """At the returned δ, the two-sided paired t-test over n replicates rejects at level alpha in 80 % of simulated
+    studies (normal d_s with mean δ and sd 1)."""
+    rng = np.random.default_rng(0)
+    for n, alpha in ((5, 0.05), (5, 0.05 / 60), (8, 0.01)):
+        delta = study.detectable_effect(1.0, n, alpha)
+        d = rng.normal(delta, 1.0, size=(40_000, n))
+        p = scipy.stats.ttest_1samp(d, 0.0, axis=1).pvalue
+        assert np.mean(p < alpha) == pytest.approx(0.8, abs=0.012), (n, alpha, delta)
+        assert study.detectable_effect(2.0, n, alpha) == pytest.approx(2 * delta)
+    assert study.detectable_effect(1.0, 2, 0.05 / 60) > 100  # two replicates see only huge effects at α/60
+
+
+def test_leak_check_catches_normalised_duplicates_and_real_mode_filters_them(world, tmp_path):
+    with pytest.raises(ValueError, match="train and test share 1"):
+        study.check_disjoint({"train": ["A red circle on a black background."], "test": ["a red  circle on a BLACK "
+                                                                                           "background"]})
+    study.check_disjoint({"train": toy.TRAIN_PROMPTS, "validation": toy.VALIDATION_PROMPTS, "test": toy.TEST_PROMPTS})
+    # --mode real on local copies: a test prompt that a training row spells differently is dropped from train and
+    # validation, and the three sets come out disjoint
+    offline = tmp_path / "offline"
+    offline.mkdir()  # an ImageRewardDB whose splits are split by prompt, as the real one's are
+    (offline / study.OFFLINE["imagereward_db"]).symlink_to(study.prepare_data(study.Args(), tmp_path / "toy")["imagereward"])
+    leaked = toy.TRAIN_PROMPTS[0]
+    (offline / study.OFFLINE["prompts"]).write_text(f"{leaked.upper()}!\n" + "\n".join(toy.TEST_PROMPTS) + "\n")
+    data = study.prepare_data(study.Args(mode="real", offline_dir=str(offline)), tmp_path / "out")
+    train = set(pq.read_table(data["imagereward"] / "metadata-train.parquet").column("prompt").to_pylist())
+    val = set(pq.read_table(data["imagereward"] / "metadata-validation.parquet").column("prompt").to_pylist())
+    test = {study.normalise(p) for p in data["prompt_files"]["test"].read_text().splitlines()}
+    assert leaked not in train and train and val and not val & train
+    assert not {study.normalise(p) for p in train | val} & test
+    assert data["counts"]["train"][1] < data["counts"]["train"][0]
 
 
 def test_below_base_warning_fires_on_a_run_made_to_fail(world, tmp_path):
@@ -97,24 +157,26 @@ def test_below_base_warning_fires_on_a_run_made_to_fail(world, tmp_path):
 def test_parallel_training_runs_all_finish_and_a_failure_is_named(tmp_path, monkeypatch):
     """--jobs 2: the training steps run two at a time, each capped to (cores / 2) threads; one that fails does not
     stop the others, and the study stops before the evaluation naming the failed step and its log."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import study
-
     out = tmp_path / "study"
 
-    def step(name: str, code: str, folder: str):  # a stand-in script: writes done.json into its --output-dir
+    def step(phase: str, name: str, code: str, folder: str):  # a stand-in script: writes done.json into its folder
         write = "import os, pathlib, sys; d = pathlib.Path(sys.argv[-1]); d.mkdir(); " \
                 "(d / 'done.json').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"
-        return name, [sys.executable, "-c", f"{code}; {write}", "--output-dir", str(out / folder)], \
+        return phase, name, [sys.executable, "-c", f"{code}; {write}", "--output-dir", str(out / folder)], \
             out / folder / "done.json"
 
-    steps = [step("reward model", "pass", "rm"), step("dpo seed 0", "import sys; sys.exit(3)", "dpo-s0"),
-             step("dpok seed 0", "import time; time.sleep(1)", "dpok-s0"), step("sft seed 0", "pass", "sft-s0"),
-             step("evaluate", "pass", "evaluate")]
-    monkeypatch.setattr(study, "commands", lambda args, out: steps)
+    steps = [step("reward models", "reward model seed 0", "pass", "rm"),
+             step("training", "dpo seed 0", "import sys; sys.exit(3)", "dpo-s0"),
+             step("training", "dpok seed 0", "import time; time.sleep(1)", "dpok-s0"),
+             step("training", "sft seed 0", "pass", "sft-s0"), step("evaluation", "evaluate seed 0", "pass", "evaluate")]
+    monkeypatch.setattr(study, "prepare_data", lambda args, out: {})
+    monkeypatch.setattr(study, "commands", lambda args, out, data: steps)
     with pytest.raises(ValueError, match=r"dpo seed 0 failed \(exit 3\); see .*dpo_seed_0\.log"):
-        study.main(study.Args(output_dir=str(out), jobs=2))
+        study.main(study.Args(output_dir=str(out), jobs=2, seeds=(0, 1)))
     threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert (out / "dpok-s0" / "done.json").read_text() == threads == (out / "sft-s0" / "done.json").read_text()
-    assert (out / "rm" / "done.json").exists() and not (out / "evaluate").exists()
-    assert set(json.loads((out / "timings.json").read_text())) == {"reward model", "dpok seed 0", "sft seed 0"}
+    assert (out / "rm" / "done.json").read_text() == os.environ.get("OMP_NUM_THREADS", "unset")  # not capped
+    assert not (out / "evaluate").exists()
+    assert set(json.loads((out / "timings.json").read_text())) == {"reward model seed 0", "dpok seed 0", "sft seed 0"}
+    with pytest.raises(ValueError, match="at least 2 distinct seeds"):
+        study.main(study.Args(output_dir=str(out), seeds=(0,)))
