@@ -25,7 +25,7 @@ un-blinds it with the key; per criterion, comparison (A, B) and pair i = 1..n:
 
 A rater who answered more than --max-attention-failures check questions with anything but tie (default 0) is
 excluded from the statistics; every rater's failures are reported either way. The intervals and tests are
-evaluate.py's own functions (bca_interval, sign_test, wilcoxon_test, holm), imported from it.
+evaluate.py's (bca_interval, sign_test, wilcoxon_test, holm), from common/stats.py, which both files import.
 
 Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX     # writes runs/evaluate-XXXX/rating_kit/
@@ -46,6 +46,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tyro
@@ -53,9 +54,9 @@ from PIL import Image
 
 from common.runtime import require
 
-# The statistics of evaluate.py's report, so human and automated win rates are computed alike. The import runs one
-# way: evaluate.py imports this file inside its main, not at its top.
-from evaluate import bca_interval, fmt, holm, image_path, sign_test, wilcoxon_test
+# The statistics of evaluate.py's report, so human and automated win rates are computed alike. This file does not
+# import evaluate.py (evaluate.py imports it), so `python rating_kit.py` runs on its own.
+from common.stats import bca_interval, fmt, holm, sign_test, wilcoxon_test
 
 
 @dataclass
@@ -92,15 +93,16 @@ def kit_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str, str]], arms: dict[str, list[str]],
-                      k: int, n_pairs: int, seed: int, criteria: tuple[str, ...] = ("appeal", "alignment", "overall"),
-                      attention_checks: int = 2, pixelated: bool = False) -> Path:
+def export_rating_kit(out: Path, image_file: Callable[[str, int, int], Path], prompts: list[str],
+                      comparisons: list[tuple[str, str]], arms: dict[str, list[str]], k: int, n_pairs: int, seed: int,
+                      criteria: tuple[str, ...] = ("appeal", "alignment", "overall"), attention_checks: int = 2,
+                      pixelated: bool = False) -> Path:
     """rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
     asked every criterion), and rating_kit/key.json (the truth; its kit_id is a hash of its content).
     Per comparison (A, B): n_pairs distinct prompts, each with a random image j of a random run (seed) of each arm,
     plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question).
-    arms: {arm: [its runs' names]}; image j of prompt i of a run is read from out/images/<run>/, where evaluate.py
-    draws it (image_path), and k is the images per prompt."""
+    arms: {arm: [its runs' names]}; image_file(run, i, j) is the file of image j of prompt i of a run (evaluate.py
+    passes its image_path: out/images/<run>/<i>_<j>.png), and k is the images per prompt."""
     rng = random.Random(seed)
     pairs, pages = [], []
     for c, (a, b) in enumerate(comparisons):
@@ -124,7 +126,7 @@ def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str
 
     def data_uri(run: str, row: dict) -> str:
         buf = io.BytesIO()  # JPEG keeps a 100-pair kit of 512 px images near 10 MB; the PNGs stay on disk
-        Image.open(image_path(out, run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
+        Image.open(image_file(run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
     kit = out / "rating_kit"

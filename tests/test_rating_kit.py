@@ -1,8 +1,10 @@
 """rating_kit.py: Fleiss' kappa against a worked example, ingest against hand computations (through rating_kit.py and
 evaluate.py alike), and the kit's pages in a real headless Chromium."""
 
+import ast
 import base64
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -17,12 +19,14 @@ from typing import get_args
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 import tyro
 from PIL import Image, ImageDraw
 
 import evaluate
 import rating_kit
+from common import stats
 from common.toy import PROMPTS, toy_reward
 from test_evaluate import _hand_holm
 
@@ -42,6 +46,65 @@ def test_fleiss_kappa_wikipedia_example():
     assert rating_kit.fleiss_kappa(np.array(counts)) == pytest.approx(0.20993, abs=1e-4)
     assert rating_kit.fleiss_kappa(np.array([[2, 0, 0], [0, 2, 0], [0, 0, 2]])) == pytest.approx(1.0)
     assert math.isnan(rating_kit.fleiss_kappa(np.array([[1, 0, 0]])))  # one rater: no agreement to measure
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """The top-level names of every module a file imports, anywhere in it (inside functions too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_the_statistics_module_keeps_the_imports_one_way():
+    """evaluate.py -> rating_kit.py -> common/stats.py: the kit never imports evaluate.py, the statistics neither."""
+    assert "evaluate" not in _imported_modules(REPO / "rating_kit.py")
+    assert not {"evaluate", "rating_kit"} & _imported_modules(REPO / "common" / "stats.py")
+    assert "rating_kit" in _imported_modules(REPO / "evaluate.py")
+    # nor through another module: importing the kit (or the statistics) loads no evaluate
+    for module in ("rating_kit", "common.stats"):
+        res = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(m for m in sys.modules if m "
+                              "in ('evaluate', 'rating_kit')))"], cwd=REPO, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.stdout.split() == (["['rating_kit']"] if module == "rating_kit" else ["[]"]), module
+    # one set of functions: the names evaluate.py's users import from it, and the kit's, are common/stats.py's
+    for name in ("bca_interval", "sign_test", "wilcoxon_test", "paired_comparison", "holm", "holm_across",
+                 "seeds_comparison", "compare", "fmt"):
+        assert getattr(evaluate, name) is getattr(stats, name), name
+    for name in ("bca_interval", "sign_test", "wilcoxon_test", "holm", "fmt"):
+        assert getattr(rating_kit, name) is getattr(stats, name), name
+
+
+@functools.cache
+def _power_by_binomtest(n: int, p1: float, alpha: float) -> float:
+    """The sign test's power by enumeration: P(K = k) summed over the k where scipy's binomtest rejects."""
+    k = np.arange(n + 1)
+    rejected = np.array([scipy.stats.binomtest(int(x), n, 0.5).pvalue <= alpha for x in k])
+    return float(scipy.stats.binom.pmf(k, n, p1)[rejected].sum())
+
+
+def test_sign_test_power_and_pairs_needed_against_binomtest():
+    for n in (1, 5, 6, 17, 50, 120, 199, 200):
+        for p1, alpha in ((0.6, 0.05), (0.35, 0.01), (0.75, 0.005)):
+            assert stats.sign_test_power(n, p1, alpha) == pytest.approx(_power_by_binomtest(n, p1, alpha), abs=1e-12)
+    # and by simulation: the share of Binomial(n, p1) draws sign_test itself rejects
+    wins = np.random.default_rng(0).binomial(60, 0.65, size=20_000)  # (draws,) A's wins among 60 untied pairs
+    p = {w: stats.sign_test(np.array([1.0] * w + [-1.0] * (60 - w)))[3] for w in set(wins.tolist())}
+    simulated = np.mean([p[w] <= 0.05 for w in wins])  # standard error 0.0035
+    assert simulated == pytest.approx(stats.sign_test_power(60, 0.65, 0.05), abs=0.012)
+    # pairs_needed: from that n on the power stays at the target (the next few checked here), the n before falls short
+    for p1, alpha in ((0.6, 0.05), (0.7, 0.05 / 30), (0.4, 0.01)):
+        n = stats.pairs_needed(p1, alpha, 0.8, n_max=1000)
+        assert all(_power_by_binomtest(m, p1, alpha) >= 0.8 for m in range(n, n + 4))
+        assert _power_by_binomtest(n - 1, p1, alpha) < 0.8
+    # the saw-tooth it guards against (docs/rating_kit.md): 199 pairs reach 80 % at 60 %, 200 do not
+    assert _power_by_binomtest(199, 0.6, 0.05) >= 0.8 > _power_by_binomtest(200, 0.6, 0.05)
+    assert stats.pairs_needed(0.6, 0.05, 0.8) > 200
+    with pytest.raises(ValueError, match="n_max"):
+        stats.pairs_needed(0.51, 0.05, 0.8, n_max=100)
 
 
 # ------------------------------------------------------------------------------------------------ export and ingest
@@ -70,6 +133,11 @@ def _fake_run(out: Path, models: list[str], n: int, k: int, seed: int = 0) -> di
     return radius
 
 
+def _images(out: Path):
+    """Where evaluate.py draws image j of prompt i of a run, as export_rating_kit reads it."""
+    return lambda run, i, j: evaluate.image_path(out, run, i, j)
+
+
 def _hand_kappa(labels: list[list[str]]) -> float:
     """Fleiss' kappa from each item's list of labels, by the textbook formulas (independent of evaluate's)."""
     cats = sorted({c for item in labels for c in item})
@@ -83,8 +151,8 @@ def _hand_kappa(labels: list[list[str]]) -> float:
 def _kit(tmp_path, n=10, checks=2):
     _fake_run(tmp_path, ["modelAlpha", "modelBeta"], n=n, k=1)
     arms = {"modelBeta": ["modelBeta"], "modelAlpha": ["modelAlpha"]}
-    kit = rating_kit.export_rating_kit(tmp_path, PROMPTS[:n], [("modelBeta", "modelAlpha")], arms, 1, n, seed=3,
-                                       attention_checks=checks)
+    kit = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:n], [("modelBeta", "modelAlpha")], arms,
+                                       1, n, seed=3, attention_checks=checks)
     return kit, json.loads((kit / "key.json").read_text())
 
 
@@ -249,8 +317,8 @@ def test_rating_kit_round_trip_in_headless_chromium(tmp_path):
     radius = _fake_run(tmp_path, models, n=8, k=2)
     comparisons = [("modelBeta", "modelAlpha"), ("modelGamma", "modelAlpha"), ("modelBeta", "modelGamma")]
     arms = {m: [m] for m in models}
-    kit = rating_kit.export_rating_kit(tmp_path, PROMPTS[:8], comparisons, arms, 2, 4, seed=0, attention_checks=1,
-                                       pixelated=True)
+    kit = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:8], comparisons, arms, 2, 4, seed=0,
+                                       attention_checks=1, pixelated=True)
     pages = sorted(kit.glob("page_*.html"))
     assert len(pages) == 3
     for page in pages:
