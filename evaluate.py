@@ -156,8 +156,8 @@ class Args:
     attention_checks: int = 2
     """attention-check pairs per page: one image shown on both sides, where every answer must be tie"""
     max_attention_failures: int | None = 0
-    """at ingest, exclude a rater who answered more than this many attention-check questions wrongly (reported
-    either way); None: keep every rater"""
+    """at ingest, exclude a rater who failed more than this many attention-check questions of the pages they rated
+    (answered other than tie, or left unanswered; reported either way); None: keep every rater"""
     ingest_ratings: tuple[str, ...] = ()
     """rater files saved by the kit: only un-blind them with --rating-key (ratings.json and .md beside the key), as
     `python rating_kit.py` does"""

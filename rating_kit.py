@@ -23,8 +23,9 @@ un-blinds it with the key; per criterion, comparison (A, B) and pair i = 1..n:
     Fleiss' kappa = (P_bar - P_e) / (1 - P_e) over the categories {A, tie, B}, per criterion and per cell: P_bar the
         mean agreement of an item's raters, P_e the agreement chance gives (fleiss_kappa has the formula)
 
-A rater who answered more than --max-attention-failures check questions with anything but tie (default 0) is
-excluded from the statistics; every rater's failures are reported either way. The intervals and tests are
+A rater who failed more than --max-attention-failures check questions (default 0) is excluded from the statistics;
+every check question of every page the rater answered counts, and one answered with anything but tie fails, as does
+one left unanswered. Every rater's failures are reported either way. The intervals and tests are
 evaluate.py's (bca_interval, sign_test, wilcoxon_test, holm), from common/stats.py, which both files import.
 
 Usage:
@@ -66,8 +67,8 @@ class Args:
     rating_key: str | None = None
     """the kit's key.json (ratings.json and ratings.md are written beside it)"""
     max_attention_failures: int | None = 0
-    """exclude a rater who answered more than this many attention-check questions wrongly (reported either way);
-    None: keep every rater"""
+    """exclude a rater who failed more than this many attention-check questions of the pages they rated (answered
+    other than tie, or left unanswered; reported either way); None: keep every rater"""
     confidence: float = 0.95
     """confidence level of every interval"""
     n_resamples: int = 10_000
@@ -194,7 +195,8 @@ def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: floa
     raters of 1 (A chosen), 1/2 (tie), 0 (B chosen); the win rate mean_i x_i gets a BCa interval over pairs, the sign
     test counts pairs with x_i > 1/2 against x_i < 1/2, Wilcoxon tests x_i - 1/2, Holm runs across every criterion x
     comparison; Fleiss' kappa over {A, tie, B} per criterion (all comparisons' pairs) and per cell. Attention-check
-    pairs (one image on both sides) must be answered tie: a rater with more wrong answers than
+    pairs (one image on both sides) must be answered tie on every question, on every page the rater answered: a
+    rater with more failures (answers other than tie, and check questions left unanswered) than
     max_attention_failures is excluded (None: nobody), and every rater's failures are reported."""
     key = json.loads(Path(key_path).read_text())
     require(kit_hash(key) == key.get("kit_id"), f"{key_path}: its content does not hash to its kit_id "
@@ -207,9 +209,15 @@ def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: floa
         require(not set(mine) & set(r["choices"]), f"{file}: rater {r['rater']!r} answered these pairs in another "
                 "file too (the same file given twice?)")
         mine |= r["choices"]
-    failures = {rater: sum(v != "tie" for pid, a in mine.items() if pairs[pid]["check"] for v in a.values())
-                for rater, mine in answers.items()}
-    checks = {rater: sum(len(a) for pid, a in mine.items() if pairs[pid]["check"]) for rater, mine in answers.items()}
+    # Attention checks: every check question of every page a rater answered is asked; an answer other than tie and a
+    # question left unanswered both fail, so a file that skips the checks cannot pass them.
+    failures, checks, unanswered = {}, {}, {}
+    for rater, mine in answers.items():
+        pages = {pairs[pid]["page"] for pid in mine}
+        asked = [(pid, c) for pid, row in pairs.items() if row["check"] and row["page"] in pages for c in criteria]
+        given = [mine[pid][c] for pid, c in asked if c in mine.get(pid, {})]
+        checks[rater], unanswered[rater] = len(asked), len(asked) - len(given)
+        failures[rater] = unanswered[rater] + sum(v != "tie" for v in given)
     excluded = [r for r, f in failures.items() if max_attention_failures is not None and f > max_attention_failures]
     raters = [r for r in answers if r not in excluded]
     require(raters, f"every rater failed the attention checks ({failures}); nothing to report")
@@ -241,7 +249,8 @@ def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: floa
         for c, adjusted in zip(results, holm([c[test] for c in results])):
             c[test + "_holm"] = adjusted
     return dict(kit_id=key["kit_id"], criteria=criteria, raters=raters, excluded=excluded,
-                attention=dict(failures=failures, checks=checks, max_failures=max_attention_failures),
+                attention=dict(failures=failures, checks=checks, unanswered=unanswered,
+                               max_failures=max_attention_failures),
                 fleiss_kappa=kappas, comparisons=results)
 
 
@@ -249,7 +258,8 @@ def ratings_markdown(r: dict) -> str:
     lines = [f"# Human ratings: {len(r['raters'])} raters ({', '.join(r['raters'])})", ""]
     att = r["attention"]
     lines += ["Attention checks (one image on both sides; every answer should be tie): " + ", ".join(
-        f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" for rater in att["failures"]) +
+        f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" +
+        (f" ({att['unanswered'][rater]} unanswered)" if att["unanswered"][rater] else "") for rater in att["failures"]) +
         (f"; excluded (more than {att['max_failures']} wrong): {', '.join(r['excluded'])}" if r["excluded"] else ""),
         "", "Fleiss' kappa per criterion (all comparisons): " + ", ".join(
         f"{c} {k:.3f}" for c, k in r["fleiss_kappa"].items()), "",

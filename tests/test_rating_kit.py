@@ -203,6 +203,40 @@ def test_ingest_ratings_per_criterion_attention_checks_and_kappa(tmp_path):
     assert "r2 6/6 wrong" in (kit / "ratings.md").read_text()
 
 
+def test_a_rater_who_skips_attention_checks_is_excluded_like_one_who_fails_them(tmp_path):
+    """Every check question of every page a rater answered must be answered tie: one skipped fails like a wrong one.
+    A rater who rated only page_01 is not asked page_02's checks."""
+    models = ["modelAlpha", "modelBeta", "modelGamma"]
+    _fake_run(tmp_path, models, n=6, k=1)
+    kit = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:6], [("modelBeta", "modelAlpha"),
+                                       ("modelGamma", "modelAlpha")], {m: [m] for m in models}, 1, 6, seed=1)
+    key = json.loads((kit / "key.json").read_text())
+    page1 = [p for p in key["pairs"] if p["page"] == "page_01"]
+    crit = key["criteria"]
+
+    def rater_file(name: str, choices: dict) -> str:
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(kit_id=key["kit_id"], rater=name, choices=choices)))
+        return str(tmp_path / f"{name}.json")
+
+    files = [rater_file("careful", {p["id"]: {c: "tie" if p["check"] else "left" for c in crit} for p in page1}),
+             rater_file("dodger", {p["id"]: {c: "left" for c in crit} for p in page1 if not p["check"]}),  # no check
+             rater_file("half", {p["id"]: ({"overall": "tie"} if p["check"] else {c: "right" for c in crit})
+                                 for p in page1})]  # the checks' overall question only
+    r = rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0)
+    asked = 2 * len(crit)  # page_01's two checks x 3 questions
+    assert r["attention"]["checks"] == {"careful": asked, "dodger": asked, "half": asked}
+    assert r["attention"]["unanswered"] == {"careful": 0, "dodger": asked, "half": asked - 2}
+    assert r["attention"]["failures"] == r["attention"]["unanswered"]
+    assert r["excluded"] == ["dodger", "half"] and r["raters"] == ["careful"]
+    assert all(c["n_judgements"] == 6 for c in r["comparisons"] if c["b"] == "modelAlpha" and c["a"] == "modelBeta")
+    md = rating_kit.ratings_markdown(r)
+    assert "careful 0/6 wrong, dodger 6/6 wrong (6 unanswered), half 4/6 wrong (4 unanswered)" in md
+    # a tolerance counts the skipped questions as failures too; None keeps everyone and counts their answers
+    assert rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0, 4)["excluded"] == ["dodger"]
+    kept = rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0, None)
+    assert kept["excluded"] == [] and {c["n_judgements"] for c in kept["comparisons"]} == {18}
+
+
 def test_ingest_rejects_a_tampered_key_and_broken_rater_files_naming_them(tmp_path):
     kit, key = _kit(tmp_path, n=4, checks=0)
     good = tmp_path / "good.json"
