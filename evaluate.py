@@ -30,7 +30,8 @@ differ. Every model samples with DDIM (--sample-steps, --eta), the training scri
 
 A double-blind human rating kit (rating_kit.py; docs/rating_kit.md) is written next to the scores:
 rating_kit/page_NN.html, one per comparison, each pair asked per criterion (visual appeal with the prompt hidden,
-prompt alignment, overall preference), with attention-check pairs, and rating_kit/key.json. --ingest-ratings turns
+prompt alignment, overall preference), with attention-check pairs, and rating_key.json beside that folder (never in
+it: the folder goes to the raters, the key stays with you). --ingest-ratings turns
 the raters' files into win rates per criterion and comparison with the same intervals and tests, Holm across
 them, and Fleiss' kappa per criterion.
 
@@ -40,7 +41,7 @@ Usage:
     torchrun --nproc_per_node 8 evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX   # sampling split over GPUs
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX --prompts pickapic \
         --scorers pickscore hps aesthetic clip imagereward --scorer-paths aesthetic=sac+logos+ava1-l14-linearMSE.pth
-    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
+    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_key.json
     python evaluate.py --candidates dpo=runs/dpo-s0,runs/dpo-s1,runs/dpo-s2 dpok=runs/dpok-s0,runs/dpok-s1 ...
     python evaluate.py --toy            # the toy base against a toy diffusion_dpo.py run (trained first if missing)
 """
@@ -148,7 +149,7 @@ class Args:
     # ---- the human rating kit
     rating_pairs: int = 50
     """pairs per comparison in the double-blind rating kit (rating_kit/page_NN.html, one page per comparison, and
-    key.json); 0: no kit"""
+    rating_key.json beside the folder); 0: no kit"""
     rating_criteria: tuple[Criterion, ...] = ("appeal", "alignment", "overall")
     """the questions asked of every pair, in this order, each left / right / tie (Diffusion-DPO's protocol): appeal =
     which image is more visually appealing (the prompt hidden), alignment = which fits the prompt better, overall =
@@ -162,10 +163,10 @@ class Args:
     """rater files saved by the kit: only un-blind them with --rating-key (ratings.json and .md beside the key), as
     `python rating_kit.py` does"""
     rating_key: str | None = None
-    """the kit's key.json, for --ingest-ratings"""
+    """the kit's rating_key.json, for --ingest-ratings"""
     # ---- the run
     output_dir: str | None = None
-    """images/, results.json, report.md, grid.png, rating_kit/; None: runs/evaluate-<time>"""
+    """images/, results.json, report.md, grid.png, rating_kit/, rating_key.json; None: runs/evaluate-<time>"""
     grid_rows: int = 8
     """prompts (rows) in grid.png"""
     toy: bool = False
@@ -481,7 +482,8 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
 
 def check_args(args: Args) -> Args:
     """Reject what cannot run, naming the flag; fill the output dir; --toy without candidates trains one."""
-    require(not args.ingest_ratings or args.rating_key is not None, "--ingest-ratings needs --rating-key key.json")
+    require(not args.ingest_ratings or args.rating_key is not None,
+            "--ingest-ratings needs --rating-key rating_key.json")
     require(torch.cuda.is_available() or args.mixed_precision != "fp16" or bool(args.ingest_ratings),
             "--mixed-precision fp16 needs a GPU; pass --mixed-precision no on a CPU")
     require(args.images_per_prompt >= 1 and args.per_device_batch >= 1, "--images-per-prompt and --per-device-batch must be >= 1")
@@ -700,11 +702,11 @@ def main(args: Args) -> dict:
                     captions=captions, upscale=max(1, 128 // side))
     if args.rating_pairs:
         names = {a: [m.name for m in r] for a, r in arms.items()}
-        kit = rating_kit.export_rating_kit(out, lambda run, i, j: image_path(out, run, i, j), prompts, comparisons,
-                                           names, k, args.rating_pairs, args.seed, args.rating_criteria,
-                                           args.attention_checks, pixelated=side < 128)
-        print(f"rating kit: send the pages in {kit} (page_*.html) to the raters, keep {kit / 'key.json'}; then run\n"
-              f"  python evaluate.py --ingest-ratings <their files> --rating-key {kit / 'key.json'}")
+        kit, key_file = rating_kit.export_rating_kit(out, lambda run, i, j: image_path(out, run, i, j), prompts,
+                                                     comparisons, names, k, args.rating_pairs, args.seed,
+                                                     args.rating_criteria, args.attention_checks, pixelated=side < 128)
+        print(f"rating kit: send the pages in {kit} (page_*.html) to the raters, keep {key_file}; then run\n"
+              f"  python evaluate.py --ingest-ratings <their files> --rating-key {key_file}")
     print(report + f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'grid.png'}")
     cleanup_distributed()
     return results

@@ -5,8 +5,9 @@ Docs (usage, outputs, implementation details with sources, tests): docs/rating_k
 Automated scores are not the last word on a preference method, so evaluate.py writes this kit next to its scores
 (export_rating_kit; --rating-pairs N, default 50): for every comparison (A, B) of its report, one self-contained page
 rating_kit/page_NN.html of N side-by-side pairs (one prompt and seed, left and right at random, the images inlined so
-the page needs no network, model names nowhere), and rating_kit/key.json, the truth, which stays with you. Every pair
-is asked each criterion in turn (--rating-criteria), each answered left / right / tie (Diffusion-DPO's protocol):
+the page needs no network, model names nowhere), and rating_key.json beside the folder, not in it: the truth, which
+stays with you, so sending the whole folder to raters gives nothing away. Every pair is asked each criterion in turn
+(--rating-criteria), each answered left / right / tie (Diffusion-DPO's protocol):
 
     appeal      Which image is more visually appealing?            the prompt hidden: judge the images alone
     alignment   Which image fits the text better?                  the prompt shown
@@ -29,13 +30,13 @@ one left unanswered. Every rater's failures are reported either way. The interva
 evaluate.py's (bca_interval, sign_test, wilcoxon_test, holm), from common/stats.py, which both files import.
 
 Usage:
-    python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX     # writes runs/evaluate-XXXX/rating_kit/
-    # send rating_kit/page_*.html to the raters and keep key.json; with their files back:
-    python rating_kit.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
-    python rating_kit.py --ingest-ratings ratings-*.json --rating-key runs/evaluate-XXXX/rating_kit/key.json \
+    python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX     # runs/evaluate-XXXX/rating_kit/, rating_key.json
+    # send the folder rating_kit/ to the raters and keep rating_key.json; with their files back:
+    python rating_kit.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_key.json
+    python rating_kit.py --ingest-ratings ratings-*.json --rating-key runs/evaluate-XXXX/rating_key.json \
         --max-attention-failures None                                # keep every rater
     # the same ingest through evaluate.py (its --ingest-ratings calls write_ratings below):
-    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
+    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_key.json
 Each writes ratings.json and ratings.md beside the key.
 """
 
@@ -65,7 +66,7 @@ class Args:
     ingest_ratings: tuple[str, ...] = ()
     """rater files saved by the kit's pages (any number: a rater may send one per page); un-blinded with --rating-key"""
     rating_key: str | None = None
-    """the kit's key.json (ratings.json and ratings.md are written beside it)"""
+    """the kit's rating_key.json (ratings.json and ratings.md are written beside it)"""
     max_attention_failures: int | None = 0
     """exclude a rater who failed more than this many attention-check questions of the pages they rated (answered
     other than tie, or left unanswered; reported either way); None: keep every rater"""
@@ -97,9 +98,10 @@ def kit_hash(key: dict) -> str:
 def export_rating_kit(out: Path, image_file: Callable[[str, int, int], Path], prompts: list[str],
                       comparisons: list[tuple[str, str]], arms: dict[str, list[str]], k: int, n_pairs: int, seed: int,
                       criteria: tuple[str, ...] = ("appeal", "alignment", "overall"), attention_checks: int = 2,
-                      pixelated: bool = False) -> Path:
-    """rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
-    asked every criterion), and rating_kit/key.json (the truth; its kit_id is a hash of its content).
+                      pixelated: bool = False) -> tuple[Path, Path]:
+    """out/rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
+    asked every criterion), and out/rating_key.json, the truth (its kit_id is a hash of its content), outside the
+    folder that goes to the raters; returns both paths.
     Per comparison (A, B): n_pairs distinct prompts, each with a random image j of a random run (seed) of each arm,
     plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question).
     arms: {arm: [its runs' names]}; image_file(run, i, j) is the file of image j of prompt i of a run (evaluate.py
@@ -130,8 +132,10 @@ def export_rating_kit(out: Path, image_file: Callable[[str, int, int], Path], pr
         Image.open(image_file(run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    kit = out / "rating_kit"
+    kit, key_file = out / "rating_kit", out / "rating_key.json"
     kit.mkdir(parents=True, exist_ok=True)
+    for old in [*kit.glob("page_*.html"), kit / "key.json"]:  # the folder holds this kit's pages and nothing else
+        old.unlink(missing_ok=True)  # (an earlier kit's pages, or its key: this file used to write key.json there)
     for p in pages:
         page = dict(kit_id=key["kit_id"], page=p["page"], pixelated=pixelated,
                     questions=[dict(id=c, text=QUESTIONS[c], hide_prompt=c == "appeal") for c in criteria],
@@ -139,8 +143,8 @@ def export_rating_kit(out: Path, image_file: Callable[[str, int, int], Path], pr
                                 right=data_uri(r["right"], r)) for r in pairs if r["page"] == p["page"]])
         # "<" as \u003c: no prompt text can close the <script> element that holds the JSON
         (kit / f"{p['page']}.html").write_text(PAGE.replace("__KIT_JSON__", json.dumps(page).replace("<", "\\u003c")))
-    (kit / "key.json").write_text(json.dumps(key, indent=1))
-    return kit
+    key_file.write_text(json.dumps(key, indent=1))
+    return kit, key_file
 
 
 # ------------------------------------------------------------------------------------------------ ingest
@@ -259,7 +263,8 @@ def ratings_markdown(r: dict) -> str:
     att = r["attention"]
     lines += ["Attention checks (one image on both sides; every answer should be tie): " + ", ".join(
         f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" +
-        (f" ({att['unanswered'][rater]} unanswered)" if att["unanswered"][rater] else "") for rater in att["failures"]) +
+        (f" ({att['unanswered'][rater]} unanswered)" if att["unanswered"][rater] else "")
+        for rater in att["failures"]) +
         (f"; excluded (more than {att['max_failures']} wrong): {', '.join(r['excluded'])}" if r["excluded"] else ""),
         "", "Fleiss' kappa per criterion (all comparisons): " + ", ".join(
         f"{c} {k:.3f}" for c, k in r["fleiss_kappa"].items()), "",
@@ -290,7 +295,7 @@ def write_ratings(rater_files: tuple[str, ...], key_path: str, confidence: float
 PAGE = r"""<!doctype html>
 <!-- A double-blind rating page that rating_kit.py writes (rating_kit/page_NN.html, one per comparison). Self-contained: the images
      are inlined as data URIs and nothing is fetched, so a rater can open it offline. Model names never appear here;
-     which model is left or right is in key.json, which stays with the experimenter. -->
+     which model is left or right is in rating_key.json, which stays with the experimenter. -->
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -412,7 +417,7 @@ show();
 def main(args: Args) -> dict:
     """Ingest: the same checks and messages as `python evaluate.py --ingest-ratings`, then write_ratings."""
     require(len(args.ingest_ratings) > 0, "--ingest-ratings: give the rater files the kit's pages saved")
-    require(args.rating_key is not None, "--ingest-ratings needs --rating-key key.json")
+    require(args.rating_key is not None, "--ingest-ratings needs --rating-key rating_key.json")
     require(0 < args.confidence < 1, f"--confidence {args.confidence}: must be in (0, 1)")
     require(args.n_resamples >= 100, f"--n-resamples {args.n_resamples}: BCa needs at least a few hundred")
     return write_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples, args.seed,

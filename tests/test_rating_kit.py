@@ -151,13 +151,40 @@ def _hand_kappa(labels: list[list[str]]) -> float:
 def _kit(tmp_path, n=10, checks=2):
     _fake_run(tmp_path, ["modelAlpha", "modelBeta"], n=n, k=1)
     arms = {"modelBeta": ["modelBeta"], "modelAlpha": ["modelAlpha"]}
-    kit = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:n], [("modelBeta", "modelAlpha")], arms,
-                                       1, n, seed=3, attention_checks=checks)
-    return kit, json.loads((kit / "key.json").read_text())
+    kit, key_file = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:n],
+                                                 [("modelBeta", "modelAlpha")], arms, 1, n, seed=3,
+                                                 attention_checks=checks)
+    return kit, key_file, json.loads(key_file.read_text())
+
+
+def test_the_key_lies_outside_the_kit_folder_and_the_pages_say_nothing_of_the_models(tmp_path):
+    """The folder that goes to the raters holds this kit's pages and nothing else; the key is beside it."""
+    runs = {"modelAlpha": ["modelAlpha"], "modelBeta": ["modelBeta_run0", "modelBeta_run1"]}  # a two-seed arm too
+    _fake_run(tmp_path, [r for rs in runs.values() for r in rs], n=6, k=2)
+    kit = tmp_path / "rating_kit"
+    kit.mkdir()
+    (kit / "key.json").write_text("{}")  # where an earlier version wrote its key, and an earlier kit's extra page
+    (kit / "page_07.html").write_text("<html></html>")
+    kit_out, key_file = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:6],
+                                                     [("modelBeta", "modelAlpha"), ("modelAlpha", "modelBeta")], runs,
+                                                     2, 5, seed=2, attention_checks=1)
+    assert kit_out == kit and key_file == tmp_path / "rating_key.json" and kit not in key_file.parents
+    assert sorted(str(f.relative_to(kit)) for f in kit.rglob("*")) == ["page_01.html", "page_02.html"]
+    key = json.loads(key_file.read_text())
+    assert key["kit_id"] == rating_kit.kit_hash(key) and len(key["pairs"]) == 2 * (5 + 1)
+    names = list(runs) + [r for rs in runs.values() for r in rs]
+    for page in kit.glob("*.html"):
+        html = page.read_text()
+        assert not any(name in html for name in names)
+        data = json.loads(re.search(r'<script id="kit" type="application/json">(.*?)</script>', html, re.S).group(1))
+        assert set(data) == {"kit_id", "page", "pixelated", "questions", "pairs"} and data["kit_id"] == key["kit_id"]
+        for pair in data["pairs"]:  # an id that says nothing, the prompt, two inlined images: no side, no model
+            assert set(pair) == {"id", "prompt", "left", "right"} and re.fullmatch(rf"{page.stem}-q\d{{3}}", pair["id"])
+            assert all(pair[side].startswith("data:image/jpeg;base64,") for side in ("left", "right"))
 
 
 def test_ingest_ratings_per_criterion_attention_checks_and_kappa(tmp_path):
-    kit, key = _kit(tmp_path)
+    kit, key_file, key = _kit(tmp_path)
     assert [p.name for p in sorted(kit.glob("*.html"))] == ["page_01.html"] and key["criteria"] == \
         ["appeal", "alignment", "overall"]
     side = lambda p, model: "left" if p["left"] == model else "right"  # noqa: E731
@@ -177,7 +204,7 @@ def test_ingest_ratings_per_criterion_attention_checks_and_kappa(tmp_path):
         files.append(tmp_path / f"{rater}.json")
         files[-1].write_text(json.dumps(dict(kit_id=key["kit_id"], page="page_01", rater=rater,
                                              choices={p["id"]: rule(rater, p) for p in key["pairs"]})))
-    both = rating_kit.ingest_ratings([str(f) for f in files], str(kit / "key.json"), 0.95, 1000, 0,
+    both = rating_kit.ingest_ratings([str(f) for f in files], str(key_file), 0.95, 1000, 0,
                                      max_attention_failures=None)
     assert both["attention"]["failures"] == {"r1": 0, "r2": 6} and both["excluded"] == []
     cell = {c["criterion"]: c for c in both["comparisons"]}
@@ -196,11 +223,11 @@ def test_ingest_ratings_per_criterion_attention_checks_and_kappa(tmp_path):
         _hand_holm([c["p_sign"] for c in both["comparisons"]]))
     # The default excludes a rater who fails any check: r2 goes, and only r1's answers count.
     strict = evaluate.main(evaluate.parse_args(["--ingest-ratings", *map(str, files), "--rating-key",
-                                                str(kit / "key.json"), "--n-resamples", "1000"]))
+                                                str(key_file), "--n-resamples", "1000"]))
     assert strict["excluded"] == ["r2"] and strict["raters"] == ["r1"]
     assert {c["criterion"]: c["win_rate"] for c in strict["comparisons"]}["overall"] == pytest.approx(1.0)
-    assert json.loads((kit / "ratings.json").read_text()) == json.loads(json.dumps(strict))
-    assert "r2 6/6 wrong" in (kit / "ratings.md").read_text()
+    assert json.loads((key_file.parent / "ratings.json").read_text()) == json.loads(json.dumps(strict))
+    assert "r2 6/6 wrong" in (key_file.parent / "ratings.md").read_text()
 
 
 def test_a_rater_who_skips_attention_checks_is_excluded_like_one_who_fails_them(tmp_path):
@@ -208,9 +235,9 @@ def test_a_rater_who_skips_attention_checks_is_excluded_like_one_who_fails_them(
     A rater who rated only page_01 is not asked page_02's checks."""
     models = ["modelAlpha", "modelBeta", "modelGamma"]
     _fake_run(tmp_path, models, n=6, k=1)
-    kit = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:6], [("modelBeta", "modelAlpha"),
-                                       ("modelGamma", "modelAlpha")], {m: [m] for m in models}, 1, 6, seed=1)
-    key = json.loads((kit / "key.json").read_text())
+    kit, key_file = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:6], [
+        ("modelBeta", "modelAlpha"), ("modelGamma", "modelAlpha")], {m: [m] for m in models}, 1, 6, seed=1)
+    key = json.loads(key_file.read_text())
     page1 = [p for p in key["pairs"] if p["page"] == "page_01"]
     crit = key["criteria"]
 
@@ -222,7 +249,7 @@ def test_a_rater_who_skips_attention_checks_is_excluded_like_one_who_fails_them(
              rater_file("dodger", {p["id"]: {c: "left" for c in crit} for p in page1 if not p["check"]}),  # no check
              rater_file("half", {p["id"]: ({"overall": "tie"} if p["check"] else {c: "right" for c in crit})
                                  for p in page1})]  # the checks' overall question only
-    r = rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0)
+    r = rating_kit.ingest_ratings(files, str(key_file), 0.95, 1000, 0)
     asked = 2 * len(crit)  # page_01's two checks x 3 questions
     assert r["attention"]["checks"] == {"careful": asked, "dodger": asked, "half": asked}
     assert r["attention"]["unanswered"] == {"careful": 0, "dodger": asked, "half": asked - 2}
@@ -232,19 +259,19 @@ def test_a_rater_who_skips_attention_checks_is_excluded_like_one_who_fails_them(
     md = rating_kit.ratings_markdown(r)
     assert "careful 0/6 wrong, dodger 6/6 wrong (6 unanswered), half 4/6 wrong (4 unanswered)" in md
     # a tolerance counts the skipped questions as failures too; None keeps everyone and counts their answers
-    assert rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0, 4)["excluded"] == ["dodger"]
-    kept = rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0, None)
+    assert rating_kit.ingest_ratings(files, str(key_file), 0.95, 1000, 0, 4)["excluded"] == ["dodger"]
+    kept = rating_kit.ingest_ratings(files, str(key_file), 0.95, 1000, 0, None)
     assert kept["excluded"] == [] and {c["n_judgements"] for c in kept["comparisons"]} == {18}
 
 
 def test_ingest_rejects_a_tampered_key_and_broken_rater_files_naming_them(tmp_path):
-    kit, key = _kit(tmp_path, n=4, checks=0)
+    kit, key_file, key = _kit(tmp_path, n=4, checks=0)
     good = tmp_path / "good.json"
     good.write_text(json.dumps(dict(kit_id=key["kit_id"], rater="g", choices={
         p["id"]: {"overall": "left"} for p in key["pairs"]})))
-    args = ["--rating-key", str(kit / "key.json"), "--n-resamples", "1000"]
+    args = ["--rating-key", str(key_file), "--n-resamples", "1000"]
     evaluate.main(evaluate.parse_args(["--ingest-ratings", str(good), *args]))
-    table = (kit / "ratings.json").read_text()
+    table = (key_file.parent / "ratings.json").read_text()
     broken = {"empty.json": "", "truncated.json": json.dumps(dict(kit_id=key["kit_id"], choices={}))[:-5],
               "list.json": "[1, 2]", "nochoices.json": json.dumps(dict(kit_id=key["kit_id"], rater="x")),
               "notadict.json": json.dumps(dict(kit_id=key["kit_id"], rater="x", choices=["left"])),
@@ -256,12 +283,12 @@ def test_ingest_rejects_a_tampered_key_and_broken_rater_files_naming_them(tmp_pa
         for ingest in INGEST.values():  # python evaluate.py --ingest-ratings and python rating_kit.py alike
             with pytest.raises(ValueError, match=f"{tmp_path / name}: "):
                 ingest(["--ingest-ratings", str(tmp_path / name), *args])
-            assert (kit / "ratings.json").read_text() == table  # the earlier table stands
+            assert (key_file.parent / "ratings.json").read_text() == table  # the earlier table stands
     # Swap one pair's sides in the key, kit id kept: the key no longer hashes to its id.
     key["pairs"][0]["left"], key["pairs"][0]["right"] = key["pairs"][0]["right"], key["pairs"][0]["left"]
-    (kit / "key.json").write_text(json.dumps(key))
+    key_file.write_text(json.dumps(key))
     with pytest.raises(ValueError, match="does not hash to its kit_id"):
-        rating_kit.ingest_ratings([str(good)], str(kit / "key.json"), 0.95, 1000, 0)
+        rating_kit.ingest_ratings([str(good)], str(key_file), 0.95, 1000, 0)
 
 
 def test_rating_kit_py_has_evaluates_ingest_flags_and_gives_the_same_ratings(tmp_path, capsys):
@@ -277,7 +304,7 @@ def test_rating_kit_py_has_evaluates_ingest_flags_and_gives_the_same_ratings(tmp
         assert field.default == getattr(evaluate.Args(), field.name), field.name
     assert list(rating_kit.QUESTIONS) == list(get_args(evaluate.Criterion))  # every criterion evaluate accepts is asked
 
-    kit, key = _kit(tmp_path, n=6, checks=1)
+    kit, key_file, key = _kit(tmp_path, n=6, checks=1)
 
     def answer(rater: str, p: dict, n: int) -> str:  # r1: tie on the check, else by pair and criterion; r2: left
         if rater == "r2":
@@ -289,16 +316,16 @@ def test_rating_kit_py_has_evaluates_ingest_flags_and_gives_the_same_ratings(tmp
         choices = {p["id"]: {c: answer(rater, p, n) for n, c in enumerate(key["criteria"])} for p in key["pairs"]}
         files.append(tmp_path / f"{rater}.json")
         files[-1].write_text(json.dumps(dict(kit_id=key["kit_id"], page="page_01", rater=rater, choices=choices)))
-    base = ["--ingest-ratings", *map(str, files), "--rating-key", str(kit / "key.json"), "--n-resamples", "1000"]
+    base = ["--ingest-ratings", *map(str, files), "--rating-key", str(key_file), "--n-resamples", "1000"]
     tables = []
     for extra in ([], ["--max-attention-failures", "None", "--confidence", "0.9", "--seed", "3"]):
         outputs = {}
         for script, ingest in INGEST.items():
             ingest(base + extra)
-            outputs[script] = [(kit / f).read_text() for f in ("ratings.json", "ratings.md")]
+            outputs[script] = [(key_file.parent / f).read_text() for f in ("ratings.json", "ratings.md")]
             outputs[script].append(capsys.readouterr().out)
             for f in ("ratings.json", "ratings.md"):
-                (kit / f).unlink()  # the next ingest writes its own
+                (key_file.parent / f).unlink()  # the next ingest writes its own
         assert outputs["rating_kit.py"] == outputs["evaluate.py"]
         tables.append(json.loads(outputs["evaluate.py"][0]))
     # the flags reach ingest: r2 excluded by default, kept with None; other intervals at 0.9 and seed 3
@@ -307,8 +334,8 @@ def test_rating_kit_py_has_evaluates_ingest_flags_and_gives_the_same_ratings(tmp
     # and as a command, which prints what it wrote
     res = subprocess.run([sys.executable, str(REPO / "rating_kit.py"), *base], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.endswith(f"wrote {kit / 'ratings.json'} and {kit / 'ratings.md'}\n")
-    assert json.loads((kit / "ratings.json").read_text()) == tables[0]
+    assert res.stdout.endswith(f"wrote {key_file.parent / 'ratings.json'} and {key_file.parent / 'ratings.md'}\n")
+    assert json.loads((key_file.parent / "ratings.json").read_text()) == tables[0]
 
 
 def _browser(download_dir: Path, profile: Path):
@@ -351,14 +378,14 @@ def test_rating_kit_round_trip_in_headless_chromium(tmp_path):
     radius = _fake_run(tmp_path, models, n=8, k=2)
     comparisons = [("modelBeta", "modelAlpha"), ("modelGamma", "modelAlpha"), ("modelBeta", "modelGamma")]
     arms = {m: [m] for m in models}
-    kit = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:8], comparisons, arms, 2, 4, seed=0,
-                                       attention_checks=1, pixelated=True)
+    kit, key_file = rating_kit.export_rating_kit(tmp_path, _images(tmp_path), PROMPTS[:8], comparisons, arms, 2, 4,
+                                                 seed=0, attention_checks=1, pixelated=True)
     pages = sorted(kit.glob("page_*.html"))
     assert len(pages) == 3
     for page in pages:
         html = page.read_text()
         assert not any(m in html for m in models) and "http" not in html.replace("http-equiv", "")  # blind, offline
-    key = json.loads((kit / "key.json").read_text())
+    key = json.loads(key_file.read_text())
     per_page = len(key["pairs"]) // 3
     downloads = tmp_path / "downloads"
     downloads.mkdir()
@@ -399,7 +426,7 @@ def test_rating_kit_round_trip_in_headless_chromium(tmp_path):
         driver.quit()
 
     files = sorted(str(f) for f in downloads.glob("ratings-*.json"))
-    r = rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0)  # default: any failed check excludes
+    r = rating_kit.ingest_ratings(files, str(key_file), 0.95, 1000, 0)  # default: any failed check excludes
     assert r["excluded"] == ["lefty"] and r["raters"] == ["sizer"]
     assert r["attention"]["failures"] == {"lefty": 9, "sizer": 0}  # 3 checks x 3 questions, all answered "left"
     assert len(r["comparisons"]) == 9  # 3 criteria x 3 comparisons
@@ -408,7 +435,7 @@ def test_rating_kit_round_trip_in_headless_chromium(tmp_path):
         ra = np.array([radius[c["a"], p["prompt_idx"], p["image"]] for p in rows])
         rb = np.array([radius[c["b"], p["prompt_idx"], p["image"]] for p in rows])
         assert c["n_pairs"] == 4 and c["win_rate"] == pytest.approx(np.mean((ra > rb) + 0.5 * (ra == rb)))
-    both = rating_kit.ingest_ratings(files, str(kit / "key.json"), 0.95, 1000, 0, max_attention_failures=None)
+    both = rating_kit.ingest_ratings(files, str(key_file), 0.95, 1000, 0, max_attention_failures=None)
     for crit in key["criteria"]:  # kappa of the two scripted raters, by hand
         labels = []
         for p in (p for p in key["pairs"] if not p["check"]):
