@@ -301,32 +301,48 @@ PAGE = r"""<!doctype html>
 <meta charset="utf-8">
 <title>Which image is better?</title>
 <style>
-  body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 1.5em auto; padding: 0 1em; color: #222; }
-  #prompt { font-size: 1.35em; margin: 0.8em 0; min-height: 2.8em; }
-  .pair { display: flex; gap: 2em; justify-content: center; }
-  .pair img { width: min(44vw, 60vh, 512px); aspect-ratio: 1; object-fit: contain; background: #eee; }
+  /* One screen, no scrolling: the page is a column as tall as the window, and the images take whatever height the
+     text leaves, so the answer buttons stay in view (tests/test_rating_kit.py checks it at a 1280x900 window). */
+  html, body { height: 100%; }
+  body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 0 auto; padding: 0.5em 1em; color: #222;
+         box-sizing: border-box; display: flex; flex-direction: column; }
+  header { display: flex; flex-wrap: wrap; align-items: center; gap: 0.3em 1.2em; }
+  h1 { font-size: 1.5em; margin: 0; }
+  #help { font-size: 0.9em; color: #444; margin: 0.4em 0; }
+  #question { font-size: 1.2em; font-weight: bold; margin: 0.2em 0; }
+  #prompt { font-size: 1.25em; margin: 0.1em 0 0.4em; min-height: 2.5em; }
+  .pair { flex: 1 1 0; min-height: 120px; display: flex; gap: 2em; justify-content: center; }
+  .pair img { height: 100%; max-height: 512px; max-width: 44%; aspect-ratio: 1; object-fit: contain;
+              background: #eee; }
   .pixelated img { image-rendering: pixelated; }
-  button { font-size: 1.05em; margin: 0.6em 0.3em; padding: 0.5em 1.1em; }
+  .answers { display: flex; justify-content: center; align-items: center; gap: 0.8em; margin: 0.6em 0 0.2em; }
+  button { font-size: 1em; padding: 0.4em 1em; }
+  .answers .choice { font-size: 1.15em; padding: 0.5em 1.8em; }
+  #back { margin-right: 2em; }
   #progress, #status { color: #555; }
-  #question { font-size: 1.2em; font-weight: bold; margin: 0.5em 0; }
 </style>
 </head>
 <body>
-<h1>Which image is better?</h1>
-<p>Each pair of images is asked up to three questions, one after the other. For the first, the text is hidden: judge
-  the images alone. If you cannot decide, choose <i>tie</i>. Keys: <b>&larr;</b> left, <b>&darr;</b> or <b>t</b> tie,
-  <b>&rarr;</b> right, <b>Backspace</b> back. Your choices are kept in this browser as you go; press <b>Save ratings</b>
-  to download the file to send back (you can save more than once).</p>
-<p><label>Your name: <input id="rater" autocomplete="off"></label> <span id="progress"></span></p>
+<header>
+  <h1>Which image is better?</h1>
+  <label>Your name: <input id="rater" autocomplete="off"></label>
+  <span id="progress"></span>
+  <button id="save">Save ratings</button>
+  <span id="status"></span>
+</header>
+<p id="help">Each pair of images is asked up to three questions, one after the other. For the first, the text is
+  hidden: judge the images alone. If you cannot decide, choose <i>tie</i>. Keys: <b>&larr;</b> left, <b>&darr;</b> or
+  <b>t</b> tie, <b>&rarr;</b> right, <b>Backspace</b> back. Your choices are kept in this browser as you go; press
+  <b>Save ratings</b> to download the file to send back (you can save more than once).</p>
 <div id="question"></div>
 <div id="prompt"></div>
 <div class="pair" id="pair"><img id="left" alt="left image"><img id="right" alt="right image"></div>
-<div>
-  <button id="choose-left">Left (&larr;)</button>
-  <button id="choose-tie">Tie (&darr;)</button>
-  <button id="choose-right">Right (&rarr;)</button>
+<div class="answers">
+  <button id="back">Back</button>
+  <button class="choice" id="choose-left">Left (&larr;)</button>
+  <button class="choice" id="choose-tie">Tie (&darr;)</button>
+  <button class="choice" id="choose-right">Right (&rarr;)</button>
 </div>
-<div><button id="back">Back</button> <button id="save">Save ratings</button> <span id="status"></span></div>
 <script id="kit" type="application/json">__KIT_JSON__</script>
 <script>
 "use strict";

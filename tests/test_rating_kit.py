@@ -355,6 +355,21 @@ def _browser(download_dir: Path, profile: Path):
     return driver
 
 
+def _out_of_view(driver) -> dict:
+    """The page's images and buttons that are not wholly inside the viewport, {id: [left, top, right, bottom]}, and
+    "scroll": the document's height if the page scrolls at all. {} when the rater sees everything at once."""
+    return driver.execute_script("""
+        const out = {};
+        for (const id of ["left", "right", "choose-left", "choose-tie", "choose-right", "back", "save", "rater"]) {
+          const r = document.getElementById(id).getBoundingClientRect();
+          if (r.width === 0 || r.top < 0 || r.left < 0 || r.bottom > innerHeight || r.right > innerWidth)
+            out[id] = [r.left, r.top, r.right, r.bottom];
+        }
+        const height = document.documentElement.scrollHeight;
+        if (height > innerHeight || scrollY !== 0) out.scroll = height;
+        return out;""")
+
+
 def _wait_for(path: Path, timeout: float = 20.0) -> Path:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -390,14 +405,21 @@ def test_rating_kit_round_trip_in_headless_chromium(tmp_path):
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     driver = _browser(downloads, Path(tempfile.mkdtemp(prefix="chromium-profile-")))
+    driver.set_window_size(1280, 900)  # a laptop's window: its viewport is smaller still (the browser's own bars)
     try:
         for page in pages:
             # Rater "sizer": on every question, the bigger shape of the prompt's colour, judged from the pixels shown
             # (a tie within 0.03: so the attention checks, one image twice, are answered tie).
             driver.get(page.as_uri())
+            # Without scrolling, the images and every button are in view, even under a prompt of several lines.
+            driver.execute_script("document.getElementById('prompt').textContent = 'a long prompt '.repeat(40)")
+            assert _out_of_view(driver) == {}
+            driver.execute_script("show()")  # the page's own text again
             for _ in range(per_page * 3):
                 body = driver.find_element(By.TAG_NAME, "body")
                 question, index = body.get_attribute("data-question"), int(body.get_attribute("data-index"))
+                if index == 0:  # each of the first pair's questions
+                    assert _out_of_view(driver) == {}, question
                 shown_prompt = driver.find_element(By.ID, "prompt").text.strip().strip('"')
                 prompt = driver.execute_script(f"return kit.pairs[{index}].prompt")
                 assert shown_prompt == ("" if question == "appeal" else prompt)  # appeal: judged without the text
