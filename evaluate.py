@@ -31,9 +31,8 @@ differ. Every model samples with DDIM (--sample-steps, --eta), the training scri
 A double-blind human rating kit (rating_kit.py; docs/rating_kit.md) is written next to the scores:
 rating_kit/page_NN.html, one per comparison, each pair asked per criterion (visual appeal with the prompt hidden,
 prompt alignment, overall preference), with attention-check pairs, and rating_key.json beside that folder (never in
-it: the folder goes to the raters, the key stays with you). --ingest-ratings turns
-the raters' files into win rates per criterion and comparison with the same intervals and tests, Holm across
-them, and Fleiss' kappa per criterion.
+it: the folder goes to the raters, the key stays with you). --ingest-ratings turns the raters' files into win rates
+per criterion and comparison with the same intervals and tests, Holm across them, and Fleiss' kappa per criterion.
 
 Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX sft=runs/sft-XXXX/final/lora \

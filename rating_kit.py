@@ -26,8 +26,8 @@ un-blinds it with the key; per criterion, comparison (A, B) and pair i = 1..n:
 
 A rater who failed more than --max-attention-failures check questions (default 0) is excluded from the statistics;
 every check question of every page the rater answered counts, and one answered with anything but tie fails, as does
-one left unanswered. Every rater's failures are reported either way. The intervals and tests are
-evaluate.py's (bca_interval, sign_test, wilcoxon_test, holm), from common/stats.py, which both files import.
+one left unanswered. Every rater's failures are reported either way. The intervals and tests are evaluate.py's
+(bca_interval, sign_test, wilcoxon_test, holm), from common/stats.py, which both files import.
 
 Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX     # runs/evaluate-XXXX/rating_kit/, rating_key.json
