@@ -13,6 +13,8 @@ analysis (Diffusion-DPO, DPOK and Pick-a-Pic report win rates over prompts, most
     sign test:  #{d_i > 0} ~ Binomial(#{d_i != 0}, 1/2) under H0;   Wilcoxon signed-rank test of the d_i
     Holm:       p~_(m') = max_{j <= m'} min(1, (M - j + 1) p_(j))  over ALL M = comparisons x metrics of the report
 
+(common/stats.py computes them, for this report and for rating_kit.py's human ratings alike.)
+
 A model trained with several seeds is given as NAME=RUN_A,RUN_B,RUN_C: each run samples the same images, its score
 is the mean over runs, and its intervals resample the seeds as well as the prompts (seeds_comparison), so a method
 whose seeds disagree gets a wide interval. The toy default evaluates on held-out prompts the study never trains on.
@@ -28,9 +30,9 @@ differ. Every model samples with DDIM (--sample-steps, --eta), the training scri
 
 A double-blind human rating kit (rating_kit.py; docs/rating_kit.md) is written next to the scores:
 rating_kit/page_NN.html, one per comparison, each pair asked per criterion (visual appeal with the prompt hidden,
-prompt alignment, overall preference), with attention-check pairs, and rating_kit/key.json. --ingest-ratings turns
-the raters' files into win rates per criterion and comparison with this file's intervals and tests, Holm across
-them, and Fleiss' kappa per criterion.
+prompt alignment, overall preference), with attention-check pairs, and rating_key.json beside that folder (never in
+it: the folder goes to the raters, the key stays with you). --ingest-ratings turns the raters' files into win rates
+per criterion and comparison with the same intervals and tests, Holm across them, and Fleiss' kappa per criterion.
 
 Usage:
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX sft=runs/sft-XXXX/final/lora \
@@ -38,7 +40,7 @@ Usage:
     torchrun --nproc_per_node 8 evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX   # sampling split over GPUs
     python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX --prompts pickapic \
         --scorers pickscore hps aesthetic clip imagereward --scorer-paths aesthetic=sac+logos+ava1-l14-linearMSE.pth
-    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
+    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_key.json
     python evaluate.py --candidates dpo=runs/dpo-s0,runs/dpo-s1,runs/dpo-s2 dpok=runs/dpok-s0,runs/dpok-s1 ...
     python evaluate.py --toy            # the toy base against a toy diffusion_dpo.py run (trained first if missing)
 """
@@ -60,7 +62,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 
 import numpy as np
 import pyarrow.parquet as pq
-import scipy.stats
 import torch
 import tyro
 from PIL import Image
@@ -69,9 +70,14 @@ from tqdm import tqdm
 from common.data import decode_image, load_prompts
 from common.runtime import barrier, cleanup_distributed, require, save_image_grid, setup_distributed, write_args
 from common.scorers import ScorerName, load_scorer
+# The paired statistics live in common/stats.py, shared with rating_kit.py; the names are imported here too, so
+# `from evaluate import wilcoxon_test` (benchmarks/study.py, the tests) keeps working.
+from common.stats import (bca_interval, compare, fmt, holm, holm_across, paired_comparison,  # noqa: F401
+                          seeds_comparison, sign_test, wilcoxon_test)
 from common.toy import PROMPT_FILES
 from common.toy import PROMPTS as TOY_PROMPTS
 from common.toy import toy_model_in, toy_sdxl_pipeline, toy_world
+import rating_kit  # the human rating kit (export and ingest); it imports common/stats.py, not this file
 
 REPO = Path(__file__).resolve().parent
 # toy, clip, clip-raw, pickscore, hps, imagereward, aesthetic, reward-model: see common/scorers.py
@@ -142,7 +148,7 @@ class Args:
     # ---- the human rating kit
     rating_pairs: int = 50
     """pairs per comparison in the double-blind rating kit (rating_kit/page_NN.html, one page per comparison, and
-    key.json); 0: no kit"""
+    rating_key.json beside the folder); 0: no kit"""
     rating_criteria: tuple[Criterion, ...] = ("appeal", "alignment", "overall")
     """the questions asked of every pair, in this order, each left / right / tie (Diffusion-DPO's protocol): appeal =
     which image is more visually appealing (the prompt hidden), alignment = which fits the prompt better, overall =
@@ -150,16 +156,16 @@ class Args:
     attention_checks: int = 2
     """attention-check pairs per page: one image shown on both sides, where every answer must be tie"""
     max_attention_failures: int | None = 0
-    """at ingest, exclude a rater who answered more than this many attention-check questions wrongly (reported
-    either way); None: keep every rater"""
+    """at ingest, exclude a rater who failed more than this many attention-check questions of the pages they rated
+    (answered other than tie, or left unanswered; reported either way); None: keep every rater"""
     ingest_ratings: tuple[str, ...] = ()
     """rater files saved by the kit: only un-blind them with --rating-key (ratings.json and .md beside the key), as
     `python rating_kit.py` does"""
     rating_key: str | None = None
-    """the kit's key.json, for --ingest-ratings"""
+    """the kit's rating_key.json, for --ingest-ratings"""
     # ---- the run
     output_dir: str | None = None
-    """images/, results.json, report.md, grid.png, rating_kit/; None: runs/evaluate-<time>"""
+    """images/, results.json, report.md, grid.png, rating_kit/, rating_key.json; None: runs/evaluate-<time>"""
     grid_rows: int = 8
     """prompts (rows) in grid.png"""
     toy: bool = False
@@ -196,120 +202,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return tyro.cli(Args, args=argv, default=toy_defaults(toy_model_in(argv)) if "--toy" in argv else None)
 
 
-# ------------------------------------------------------------------------------------------------ the statistics
-
-
-def bca_interval(x: np.ndarray, confidence: float, n_resamples: int, seed: int) -> tuple[float, float]:
-    """scipy's BCa bootstrap interval of the mean of x (n,); a constant x gets a point (BCa is undefined there)."""
-    if len(x) < 2 or np.ptp(x) == 0:
-        return (float(x[0]), float(x[0])) if len(x) else (math.nan, math.nan)
-    res = scipy.stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples, method="BCa",
-                                rng=np.random.default_rng(seed))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def sign_test(d: np.ndarray) -> tuple[int, int, int, float]:
-    """(wins, ties, losses, two-sided p) of the sign test: wins ~ Binomial(wins + losses, 1/2) under H0."""
-    wins, losses = int((d > 0).sum()), int((d < 0).sum())
-    p = scipy.stats.binomtest(wins, wins + losses, 0.5).pvalue if wins + losses else 1.0
-    return wins, len(d) - wins - losses, losses, float(p)
-
-
-def wilcoxon_test(d: np.ndarray) -> float:
-    """Two-sided Wilcoxon signed-rank p of the d_i; 1 if all are zero. Zero differences are dropped first (Wilcoxon's
-    own rule), so scipy can use the exact null distribution for up to 50 nonzero d_i (with zeros it falls back to
-    the normal approximation)."""
-    d = d[d != 0]
-    return float(scipy.stats.wilcoxon(d).pvalue) if len(d) else 1.0
-
-
-def paired_comparison(scores_a: np.ndarray, scores_b: np.ndarray, confidence: float = 0.95,
-                      n_resamples: int = 10_000, seed: int = 0) -> dict:
-    """Model A against model B on one metric, the prompt as the unit. scores_*: (n prompts, k images), paired.
-
-        s_i = mean_j scores_ij,  d_i = s_i^A - s_i^B,  w_i = 1[d_i > 0] + 1/2 1[d_i = 0]
-        mean_a, mean_b, diff = mean_i d_i, win_rate = mean_i w_i, each with a BCa interval over the n prompts;
-        p_sign (sign test on wins vs losses, ties dropped) and p_wilcoxon (signed-rank test of d), two-sided.
-    """
-    require(scores_a.shape == scores_b.shape, f"unpaired scores: {scores_a.shape} vs {scores_b.shape}")
-    s_a, s_b = scores_a.mean(axis=1), scores_b.mean(axis=1)  # (n,)
-    d = s_a - s_b  # (n,)
-    w = (d > 0) + 0.5 * (d == 0)  # (n,)
-    ci = lambda x: bca_interval(x, confidence, n_resamples, seed)  # noqa: E731
-    wins, ties, losses, p_sign = sign_test(d)
-    return dict(mean_a=float(s_a.mean()), ci_a=ci(s_a), mean_b=float(s_b.mean()), ci_b=ci(s_b),
-                diff=float(d.mean()), ci_diff=ci(d), win_rate=float(w.mean()), ci_win=ci(w),
-                wins=wins, ties=ties, losses=losses, p_sign=p_sign, p_wilcoxon=wilcoxon_test(d), n=len(d))
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values, in the input order. With p_(1) <= ... <= p_(M),
-
-        p~_(i) = max_{j <= i} min(1, (M - j + 1) p_(j));   reject H_(i) at level alpha iff p~_(i) <= alpha,
-
-    which bounds the family-wise error rate by alpha under any dependence between the tests (Holm 1979).
-    """
-    order = np.argsort(pvalues, kind="stable")
-    adjusted, running = [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def holm_across(comparisons: list[dict], tests: tuple[str, ...] = ("p_sign", "p_wilcoxon")) -> None:
-    """Holm over EVERY comparison x metric of the report, once per test: the family is all M = comparisons x metrics
-    hypotheses a reader may pick a "significant" result from, not one comparison's metrics. Adds `<test>_holm` to
-    each comparison's metrics[m], in place. comparisons: [{a, b, metrics: {metric: {p_sign, p_wilcoxon, ...}}}]."""
-    cells = [s for c in comparisons for s in c["metrics"].values()]
-    for test in tests:
-        for s, adjusted in zip(cells, holm([s[test] for s in cells])):
-            s[test + "_holm"] = adjusted
-
-
-def seeds_comparison(runs_a: np.ndarray, runs_b: np.ndarray, confidence: float = 0.95, n_resamples: int = 10_000,
-                     seed: int = 0) -> dict:
-    """Model A against model B when either was trained with several seeds: the training seed is a unit too.
-    runs_*: (S, n prompts, k images), S runs of one model on the same prompts and noise.
-
-        a_si = mean_j runs_a[s, i, j],  b_ti likewise;   mean_a = mean_{s,i} a_si,  diff = mean_a - mean_b
-        win_rate = mean_{s,t,i} (1[a_si > b_ti] + 1/2 1[a_si = b_ti])      (the mean over seeds of each seed's rate)
-    Intervals: percentile bootstrap that resamples A's seeds, B's seeds and the prompts independently (Owen 2007's
-    bootstrap for crossed factors), so disagreeing seeds widen them; with S = 3 seeds it runs short by about
-    sqrt(2/3) on the seed part (the plug-in variance), stated in the report. p_sign / p_wilcoxon: the tests of
-    paired_comparison on the seed-averaged d_i = mean_s a_si - mean_t b_ti (the prompt as unit).
-    """
-    require(runs_a.shape[1:] == runs_b.shape[1:], f"unpaired scores: {runs_a.shape} vs {runs_b.shape}")
-    a, b = runs_a.mean(axis=2), runs_b.mean(axis=2)  # (S_a, n), (S_b, n)
-    win = (a[:, None] > b[None]) + 0.5 * (a[:, None] == b[None])  # (S_a, S_b, n)
-    rng = np.random.default_rng(seed)
-    n = a.shape[1]
-    stats = {"mean_a": [], "mean_b": [], "diff": [], "win_rate": []}
-    for start in range(0, n_resamples, 500):  # chunks keep (R, S_a, S_b, n) small at n = 1,632 prompts
-        r = min(500, n_resamples - start)
-        ia, ib = rng.integers(len(a), size=(r, len(a))), rng.integers(len(b), size=(r, len(b)))
-        ii = rng.integers(n, size=(r, n))
-        ma = a[ia[:, :, None], ii[:, None, :]].mean(axis=(1, 2))  # (r,)
-        mb = b[ib[:, :, None], ii[:, None, :]].mean(axis=(1, 2))
-        w = win[ia[:, :, None, None], ib[:, None, :, None], ii[:, None, None, :]].mean(axis=(1, 2, 3))
-        for key, v in zip(stats, (ma, mb, ma - mb, w)):
-            stats[key].append(v)
-    tail = 100 * (1 - confidence) / 2
-    ci = {k: tuple(float(q) for q in np.percentile(np.concatenate(v), [tail, 100 - tail])) for k, v in stats.items()}
-    d = a.mean(axis=0) - b.mean(axis=0)  # (n,) seed-averaged
-    wins, ties, losses, p_sign = sign_test(d)
-    return dict(mean_a=float(a.mean()), ci_a=ci["mean_a"], mean_b=float(b.mean()), ci_b=ci["mean_b"],
-                diff=float(a.mean() - b.mean()), ci_diff=ci["diff"], win_rate=float(win.mean()),
-                ci_win=ci["win_rate"], wins=wins, ties=ties, losses=losses, p_sign=p_sign, p_wilcoxon=wilcoxon_test(d),
-                n=n, seeds_a=len(a), seeds_b=len(b), interval="crossed bootstrap over seeds and prompts")
-
-
-def compare(runs_a: np.ndarray, runs_b: np.ndarray, confidence: float, n_resamples: int, seed: int) -> dict:
-    """runs_* (S, n, k): one run each -> paired_comparison (BCa over prompts); several -> seeds_comparison."""
-    if len(runs_a) == 1 and len(runs_b) == 1:
-        return dict(paired_comparison(runs_a[0], runs_b[0], confidence, n_resamples, seed), seeds_a=1, seeds_b=1,
-                    interval="BCa bootstrap over prompts")
-    return seeds_comparison(runs_a, runs_b, confidence, n_resamples, seed)
+# ------------------------------------------------------------------------------------------------ the set metrics
+# (the per-prompt paired statistics, bca_interval ... compare, are common/stats.py's)
 
 
 def inception_score(probs: np.ndarray, splits: int = 10) -> tuple[float, float]:
@@ -517,10 +411,6 @@ def reference_stats(source: str, embed, batch_size: int, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ reporting
 
 
-def fmt(x: float, ci=None) -> str:
-    return f"{x:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci is not None else "")
-
-
 def summary_table(results: dict, against: tuple[str, ...]) -> list[str]:
     """The table that answers a study's question: per arm, each metric's mean over its seeds [interval], FID / KID /
     IS [interval], and its win rate against each model in `against` per metric, with the Holm-adjusted p."""
@@ -591,7 +481,8 @@ def report_markdown(results: dict, against: tuple[str, ...] = ()) -> str:
 
 def check_args(args: Args) -> Args:
     """Reject what cannot run, naming the flag; fill the output dir; --toy without candidates trains one."""
-    require(not args.ingest_ratings or args.rating_key is not None, "--ingest-ratings needs --rating-key key.json")
+    require(not args.ingest_ratings or args.rating_key is not None,
+            "--ingest-ratings needs --rating-key rating_key.json")
     require(torch.cuda.is_available() or args.mixed_precision != "fp16" or bool(args.ingest_ratings),
             "--mixed-precision fp16 needs a GPU; pass --mixed-precision no on a CPU")
     require(args.images_per_prompt >= 1 and args.per_device_batch >= 1, "--images-per-prompt and --per-device-batch must be >= 1")
@@ -676,8 +567,6 @@ def sample_warnings(results: dict, arms: dict[str, list[Model]], feature_dim: in
 
 
 def main(args: Args) -> dict:
-    import rating_kit  # the human rating kit; imported here, not at the top, because it imports this file's statistics
-
     args = check_args(args)
     if args.ingest_ratings:  # ---- un-blind the raters' files (rating_kit.py); no sampling, no scoring
         return rating_kit.write_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples,
@@ -812,10 +701,11 @@ def main(args: Args) -> dict:
                     captions=captions, upscale=max(1, 128 // side))
     if args.rating_pairs:
         names = {a: [m.name for m in r] for a, r in arms.items()}
-        kit = rating_kit.export_rating_kit(out, prompts, comparisons, names, k, args.rating_pairs, args.seed,
-                                           args.rating_criteria, args.attention_checks, pixelated=side < 128)
-        print(f"rating kit: send the pages in {kit} (page_*.html) to the raters, keep {kit / 'key.json'}; then run\n"
-              f"  python evaluate.py --ingest-ratings <their files> --rating-key {kit / 'key.json'}")
+        kit, key_file = rating_kit.export_rating_kit(out, lambda run, i, j: image_path(out, run, i, j), prompts,
+                                                     comparisons, names, k, args.rating_pairs, args.seed,
+                                                     args.rating_criteria, args.attention_checks, pixelated=side < 128)
+        print(f"rating kit: send the pages in {kit} (page_*.html) to the raters, keep {key_file}; then run\n"
+              f"  python evaluate.py --ingest-ratings <their files> --rating-key {key_file}")
     print(report + f"\nwrote {out / 'results.json'}, {out / 'report.md'}, {out / 'grid.png'}")
     cleanup_distributed()
     return results

@@ -5,8 +5,9 @@ Docs (usage, outputs, implementation details with sources, tests): docs/rating_k
 Automated scores are not the last word on a preference method, so evaluate.py writes this kit next to its scores
 (export_rating_kit; --rating-pairs N, default 50): for every comparison (A, B) of its report, one self-contained page
 rating_kit/page_NN.html of N side-by-side pairs (one prompt and seed, left and right at random, the images inlined so
-the page needs no network, model names nowhere), and rating_kit/key.json, the truth, which stays with you. Every pair
-is asked each criterion in turn (--rating-criteria), each answered left / right / tie (Diffusion-DPO's protocol):
+the page needs no network, model names nowhere), and rating_key.json beside the folder, not in it: the truth, which
+stays with you, so sending the whole folder to raters gives nothing away. Every pair is asked each criterion in turn
+(--rating-criteria), each answered left / right / tie (Diffusion-DPO's protocol):
 
     appeal      Which image is more visually appealing?            the prompt hidden: judge the images alone
     alignment   Which image fits the text better?                  the prompt shown
@@ -23,18 +24,19 @@ un-blinds it with the key; per criterion, comparison (A, B) and pair i = 1..n:
     Fleiss' kappa = (P_bar - P_e) / (1 - P_e) over the categories {A, tie, B}, per criterion and per cell: P_bar the
         mean agreement of an item's raters, P_e the agreement chance gives (fleiss_kappa has the formula)
 
-A rater who answered more than --max-attention-failures check questions with anything but tie (default 0) is
-excluded from the statistics; every rater's failures are reported either way. The intervals and tests are
-evaluate.py's own functions (bca_interval, sign_test, wilcoxon_test, holm), imported from it.
+A rater who failed more than --max-attention-failures check questions (default 0) is excluded from the statistics;
+every check question of every page the rater answered counts, and one answered with anything but tie fails, as does
+one left unanswered. Every rater's failures are reported either way. The intervals and tests are evaluate.py's
+(bca_interval, sign_test, wilcoxon_test, holm), from common/stats.py, which both files import.
 
 Usage:
-    python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX     # writes runs/evaluate-XXXX/rating_kit/
-    # send rating_kit/page_*.html to the raters and keep key.json; with their files back:
-    python rating_kit.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
-    python rating_kit.py --ingest-ratings ratings-*.json --rating-key runs/evaluate-XXXX/rating_kit/key.json \
+    python evaluate.py --candidates dpo=runs/diffusion_dpo-XXXX     # runs/evaluate-XXXX/rating_kit/, rating_key.json
+    # send the folder rating_kit/ to the raters and keep rating_key.json; with their files back:
+    python rating_kit.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_key.json
+    python rating_kit.py --ingest-ratings ratings-*.json --rating-key runs/evaluate-XXXX/rating_key.json \
         --max-attention-failures None                                # keep every rater
     # the same ingest through evaluate.py (its --ingest-ratings calls write_ratings below):
-    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_kit/key.json
+    python evaluate.py --ingest-ratings alice.json bob.json --rating-key runs/evaluate-XXXX/rating_key.json
 Each writes ratings.json and ratings.md beside the key.
 """
 
@@ -46,6 +48,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tyro
@@ -53,9 +56,9 @@ from PIL import Image
 
 from common.runtime import require
 
-# The statistics of evaluate.py's report, so human and automated win rates are computed alike. The import runs one
-# way: evaluate.py imports this file inside its main, not at its top.
-from evaluate import bca_interval, fmt, holm, image_path, sign_test, wilcoxon_test
+# The statistics of evaluate.py's report, so human and automated win rates are computed alike. This file does not
+# import evaluate.py (evaluate.py imports it), so `python rating_kit.py` runs on its own.
+from common.stats import bca_interval, fmt, holm, sign_test, wilcoxon_test
 
 
 @dataclass
@@ -63,10 +66,10 @@ class Args:
     ingest_ratings: tuple[str, ...] = ()
     """rater files saved by the kit's pages (any number: a rater may send one per page); un-blinded with --rating-key"""
     rating_key: str | None = None
-    """the kit's key.json (ratings.json and ratings.md are written beside it)"""
+    """the kit's rating_key.json (ratings.json and ratings.md are written beside it)"""
     max_attention_failures: int | None = 0
-    """exclude a rater who answered more than this many attention-check questions wrongly (reported either way);
-    None: keep every rater"""
+    """exclude a rater who failed more than this many attention-check questions of the pages they rated (answered
+    other than tie, or left unanswered; reported either way); None: keep every rater"""
     confidence: float = 0.95
     """confidence level of every interval"""
     n_resamples: int = 10_000
@@ -92,15 +95,17 @@ def kit_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str, str]], arms: dict[str, list[str]],
-                      k: int, n_pairs: int, seed: int, criteria: tuple[str, ...] = ("appeal", "alignment", "overall"),
-                      attention_checks: int = 2, pixelated: bool = False) -> Path:
-    """rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
-    asked every criterion), and rating_kit/key.json (the truth; its kit_id is a hash of its content).
+def export_rating_kit(out: Path, image_file: Callable[[str, int, int], Path], prompts: list[str],
+                      comparisons: list[tuple[str, str]], arms: dict[str, list[str]], k: int, n_pairs: int, seed: int,
+                      criteria: tuple[str, ...] = ("appeal", "alignment", "overall"), attention_checks: int = 2,
+                      pixelated: bool = False) -> tuple[Path, Path]:
+    """out/rating_kit/page_NN.html, one self-contained page per comparison (names hidden, left/right random, each pair
+    asked every criterion), and out/rating_key.json, the truth (its kit_id is a hash of its content), outside the
+    folder that goes to the raters; returns both paths.
     Per comparison (A, B): n_pairs distinct prompts, each with a random image j of a random run (seed) of each arm,
     plus `attention_checks` pairs that show one image on both sides (the right answer is tie on every question).
-    arms: {arm: [its runs' names]}; image j of prompt i of a run is read from out/images/<run>/, where evaluate.py
-    draws it (image_path), and k is the images per prompt."""
+    arms: {arm: [its runs' names]}; image_file(run, i, j) is the file of image j of prompt i of a run (evaluate.py
+    passes its image_path: out/images/<run>/<i>_<j>.png), and k is the images per prompt."""
     rng = random.Random(seed)
     pairs, pages = [], []
     for c, (a, b) in enumerate(comparisons):
@@ -124,11 +129,13 @@ def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str
 
     def data_uri(run: str, row: dict) -> str:
         buf = io.BytesIO()  # JPEG keeps a 100-pair kit of 512 px images near 10 MB; the PNGs stay on disk
-        Image.open(image_path(out, run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
+        Image.open(image_file(run, row["prompt_idx"], row["image"])).convert("RGB").save(buf, "JPEG", quality=92)
         return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
-    kit = out / "rating_kit"
+    kit, key_file = out / "rating_kit", out / "rating_key.json"
     kit.mkdir(parents=True, exist_ok=True)
+    for old in [*kit.glob("page_*.html"), kit / "key.json"]:  # the folder holds this kit's pages and nothing else
+        old.unlink(missing_ok=True)  # (an earlier kit's pages, or its key: this file used to write key.json there)
     for p in pages:
         page = dict(kit_id=key["kit_id"], page=p["page"], pixelated=pixelated,
                     questions=[dict(id=c, text=QUESTIONS[c], hide_prompt=c == "appeal") for c in criteria],
@@ -136,8 +143,8 @@ def export_rating_kit(out: Path, prompts: list[str], comparisons: list[tuple[str
                                 right=data_uri(r["right"], r)) for r in pairs if r["page"] == p["page"]])
         # "<" as \u003c: no prompt text can close the <script> element that holds the JSON
         (kit / f"{p['page']}.html").write_text(PAGE.replace("__KIT_JSON__", json.dumps(page).replace("<", "\\u003c")))
-    (kit / "key.json").write_text(json.dumps(key, indent=1))
-    return kit
+    key_file.write_text(json.dumps(key, indent=1))
+    return kit, key_file
 
 
 # ------------------------------------------------------------------------------------------------ ingest
@@ -192,7 +199,8 @@ def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: floa
     raters of 1 (A chosen), 1/2 (tie), 0 (B chosen); the win rate mean_i x_i gets a BCa interval over pairs, the sign
     test counts pairs with x_i > 1/2 against x_i < 1/2, Wilcoxon tests x_i - 1/2, Holm runs across every criterion x
     comparison; Fleiss' kappa over {A, tie, B} per criterion (all comparisons' pairs) and per cell. Attention-check
-    pairs (one image on both sides) must be answered tie: a rater with more wrong answers than
+    pairs (one image on both sides) must be answered tie on every question, on every page the rater answered: a
+    rater with more failures (answers other than tie, and check questions left unanswered) than
     max_attention_failures is excluded (None: nobody), and every rater's failures are reported."""
     key = json.loads(Path(key_path).read_text())
     require(kit_hash(key) == key.get("kit_id"), f"{key_path}: its content does not hash to its kit_id "
@@ -205,9 +213,15 @@ def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: floa
         require(not set(mine) & set(r["choices"]), f"{file}: rater {r['rater']!r} answered these pairs in another "
                 "file too (the same file given twice?)")
         mine |= r["choices"]
-    failures = {rater: sum(v != "tie" for pid, a in mine.items() if pairs[pid]["check"] for v in a.values())
-                for rater, mine in answers.items()}
-    checks = {rater: sum(len(a) for pid, a in mine.items() if pairs[pid]["check"]) for rater, mine in answers.items()}
+    # Attention checks: every check question of every page a rater answered is asked; an answer other than tie and a
+    # question left unanswered both fail, so a file that skips the checks cannot pass them.
+    failures, checks, unanswered = {}, {}, {}
+    for rater, mine in answers.items():
+        pages = {pairs[pid]["page"] for pid in mine}
+        asked = [(pid, c) for pid, row in pairs.items() if row["check"] and row["page"] in pages for c in criteria]
+        given = [mine[pid][c] for pid, c in asked if c in mine.get(pid, {})]
+        checks[rater], unanswered[rater] = len(asked), len(asked) - len(given)
+        failures[rater] = unanswered[rater] + sum(v != "tie" for v in given)
     excluded = [r for r, f in failures.items() if max_attention_failures is not None and f > max_attention_failures]
     raters = [r for r in answers if r not in excluded]
     require(raters, f"every rater failed the attention checks ({failures}); nothing to report")
@@ -239,7 +253,8 @@ def ingest_ratings(rater_files: tuple[str, ...], key_path: str, confidence: floa
         for c, adjusted in zip(results, holm([c[test] for c in results])):
             c[test + "_holm"] = adjusted
     return dict(kit_id=key["kit_id"], criteria=criteria, raters=raters, excluded=excluded,
-                attention=dict(failures=failures, checks=checks, max_failures=max_attention_failures),
+                attention=dict(failures=failures, checks=checks, unanswered=unanswered,
+                               max_failures=max_attention_failures),
                 fleiss_kappa=kappas, comparisons=results)
 
 
@@ -247,7 +262,9 @@ def ratings_markdown(r: dict) -> str:
     lines = [f"# Human ratings: {len(r['raters'])} raters ({', '.join(r['raters'])})", ""]
     att = r["attention"]
     lines += ["Attention checks (one image on both sides; every answer should be tie): " + ", ".join(
-        f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" for rater in att["failures"]) +
+        f"{rater} {att['failures'][rater]}/{att['checks'][rater]} wrong" +
+        (f" ({att['unanswered'][rater]} unanswered)" if att["unanswered"][rater] else "")
+        for rater in att["failures"]) +
         (f"; excluded (more than {att['max_failures']} wrong): {', '.join(r['excluded'])}" if r["excluded"] else ""),
         "", "Fleiss' kappa per criterion (all comparisons): " + ", ".join(
         f"{c} {k:.3f}" for c, k in r["fleiss_kappa"].items()), "",
@@ -278,38 +295,54 @@ def write_ratings(rater_files: tuple[str, ...], key_path: str, confidence: float
 PAGE = r"""<!doctype html>
 <!-- A double-blind rating page that rating_kit.py writes (rating_kit/page_NN.html, one per comparison). Self-contained: the images
      are inlined as data URIs and nothing is fetched, so a rater can open it offline. Model names never appear here;
-     which model is left or right is in key.json, which stays with the experimenter. -->
+     which model is left or right is in rating_key.json, which stays with the experimenter. -->
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <title>Which image is better?</title>
 <style>
-  body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 1.5em auto; padding: 0 1em; color: #222; }
-  #prompt { font-size: 1.35em; margin: 0.8em 0; min-height: 2.8em; }
-  .pair { display: flex; gap: 2em; justify-content: center; }
-  .pair img { width: min(44vw, 60vh, 512px); aspect-ratio: 1; object-fit: contain; background: #eee; }
+  /* One screen, no scrolling: the page is a column as tall as the window, and the images take whatever height the
+     text leaves, so the answer buttons stay in view (tests/test_rating_kit.py checks it at a 1280x900 window). */
+  html, body { height: 100%; }
+  body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 0 auto; padding: 0.5em 1em; color: #222;
+         box-sizing: border-box; display: flex; flex-direction: column; }
+  header { display: flex; flex-wrap: wrap; align-items: center; gap: 0.3em 1.2em; }
+  h1 { font-size: 1.5em; margin: 0; }
+  #help { font-size: 0.9em; color: #444; margin: 0.4em 0; }
+  #question { font-size: 1.2em; font-weight: bold; margin: 0.2em 0; }
+  #prompt { font-size: 1.25em; margin: 0.1em 0 0.4em; min-height: 2.5em; }
+  .pair { flex: 1 1 0; min-height: 120px; display: flex; gap: 2em; justify-content: center; }
+  .pair img { height: 100%; max-height: 512px; max-width: 44%; aspect-ratio: 1; object-fit: contain;
+              background: #eee; }
   .pixelated img { image-rendering: pixelated; }
-  button { font-size: 1.05em; margin: 0.6em 0.3em; padding: 0.5em 1.1em; }
+  .answers { display: flex; justify-content: center; align-items: center; gap: 0.8em; margin: 0.6em 0 0.2em; }
+  button { font-size: 1em; padding: 0.4em 1em; }
+  .answers .choice { font-size: 1.15em; padding: 0.5em 1.8em; }
+  #back { margin-right: 2em; }
   #progress, #status { color: #555; }
-  #question { font-size: 1.2em; font-weight: bold; margin: 0.5em 0; }
 </style>
 </head>
 <body>
-<h1>Which image is better?</h1>
-<p>Each pair of images is asked up to three questions, one after the other. For the first, the text is hidden: judge
-  the images alone. If you cannot decide, choose <i>tie</i>. Keys: <b>&larr;</b> left, <b>&darr;</b> or <b>t</b> tie,
-  <b>&rarr;</b> right, <b>Backspace</b> back. Your choices are kept in this browser as you go; press <b>Save ratings</b>
-  to download the file to send back (you can save more than once).</p>
-<p><label>Your name: <input id="rater" autocomplete="off"></label> <span id="progress"></span></p>
+<header>
+  <h1>Which image is better?</h1>
+  <label>Your name: <input id="rater" autocomplete="off"></label>
+  <span id="progress"></span>
+  <button id="save">Save ratings</button>
+  <span id="status"></span>
+</header>
+<p id="help">Each pair of images is asked up to three questions, one after the other. For the first, the text is
+  hidden: judge the images alone. If you cannot decide, choose <i>tie</i>. Keys: <b>&larr;</b> left, <b>&darr;</b> or
+  <b>t</b> tie, <b>&rarr;</b> right, <b>Backspace</b> back. Your choices are kept in this browser as you go; press
+  <b>Save ratings</b> to download the file to send back (you can save more than once).</p>
 <div id="question"></div>
 <div id="prompt"></div>
 <div class="pair" id="pair"><img id="left" alt="left image"><img id="right" alt="right image"></div>
-<div>
-  <button id="choose-left">Left (&larr;)</button>
-  <button id="choose-tie">Tie (&darr;)</button>
-  <button id="choose-right">Right (&rarr;)</button>
+<div class="answers">
+  <button id="back">Back</button>
+  <button class="choice" id="choose-left">Left (&larr;)</button>
+  <button class="choice" id="choose-tie">Tie (&darr;)</button>
+  <button class="choice" id="choose-right">Right (&rarr;)</button>
 </div>
-<div><button id="back">Back</button> <button id="save">Save ratings</button> <span id="status"></span></div>
 <script id="kit" type="application/json">__KIT_JSON__</script>
 <script>
 "use strict";
@@ -400,7 +433,7 @@ show();
 def main(args: Args) -> dict:
     """Ingest: the same checks and messages as `python evaluate.py --ingest-ratings`, then write_ratings."""
     require(len(args.ingest_ratings) > 0, "--ingest-ratings: give the rater files the kit's pages saved")
-    require(args.rating_key is not None, "--ingest-ratings needs --rating-key key.json")
+    require(args.rating_key is not None, "--ingest-ratings needs --rating-key rating_key.json")
     require(0 < args.confidence < 1, f"--confidence {args.confidence}: must be in (0, 1)")
     require(args.n_resamples >= 100, f"--n-resamples {args.n_resamples}: BCa needs at least a few hundred")
     return write_ratings(args.ingest_ratings, args.rating_key, args.confidence, args.n_resamples, args.seed,

@@ -249,8 +249,9 @@ def test_toy_dpo_model_beats_the_base(toy_dpo_run, tmp_path):
     prompts = (out / "args.json").read_text()
     assert "toy_prompts_heldout.txt" in prompts  # the held-out split is --toy's default
     for f in ("report.md", "grid.png", "args.json", "reference_stats.npz", "rating_kit/page_01.html",
-              "rating_kit/key.json"):
+              "rating_key.json"):
         assert (out / f).is_file(), f
+    assert [f.name for f in (out / "rating_kit").iterdir()] == ["page_01.html"]  # the key is not in the raters' folder
     report = (out / "report.md").read_text()
     assert "| toy |" in report and "## Summary" in report and "fewer than 2,048" in report
     # Resume: a second run finds every image on disk, draws none, and reports the same numbers.
