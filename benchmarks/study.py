@@ -92,14 +92,15 @@ def jobs_of(args: Args) -> int:
 
 def toy_training_data(out: Path) -> Path:
     """A copy of the toy ImageRewardDB whose train split keeps only TRAIN_PROMPTS' rows (the held-out prompts are
-    never trained on); the other splits and the image zips are linked, not copied. The toy world is not touched."""
+    never trained on); the other splits are linked, the image zips copied (3.7 MB: an image path that a symlink
+    leads out of its data set is a broken row, common/data.py). The toy world is not touched."""
     src, dst = toy_world().imagereward, out / "imagereward_train_prompts"
     if (dst / "metadata-train.parquet").exists():
         return dst
     dst.mkdir(parents=True, exist_ok=True)
     for split in ("validation", "test"):
         (dst / f"metadata-{split}.parquet").symlink_to(src / f"metadata-{split}.parquet")
-    (dst / "images").symlink_to(src / "images")
+    shutil.copytree(src / "images", dst / "images")
     table = pq.read_table(src / "metadata-train.parquet")
     keep = [p in TRAIN_PROMPTS for p in table.column("prompt").to_pylist()]
     pq.write_table(table.filter(keep), dst / "metadata-train.parquet.tmp")

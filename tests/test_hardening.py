@@ -55,8 +55,8 @@ def copy_layout(world, layout: str, root: Path, table: pa.Table | None = None) -
     """A copy of the toy `layout` under root/<layout> whose training file holds `table` (default: the clean one)."""
     src, dst = Path(getattr(world, layout)), root / layout
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("images"))
-    if (src / "images").exists():
-        (dst / "images").symlink_to(src / "images")  # read-only: nothing writes into the shared toy world
+    if (src / "images").exists():  # copied: a symlink out of the data set makes every image_path a broken row
+        shutil.copytree(src / "images", dst / "images")
     if table is not None:
         pq.write_table(table, dst / LAYOUT_FILES[layout])
     return dst
@@ -84,6 +84,12 @@ CASES = {
     "imagereward-#1-rank": ("imagereward", lambda t: set_cells(t, "rank", FEW, "#1", as_text=True),
                             "non-numeric rank"),
     "imagereward-empty-prompt": ("imagereward", lambda t: set_cells(t, "prompt", FEW, ""), "empty prompt"),
+    # issue 24: no group to rank within (it pooled every such row into one prompt), and paths that leave the data set
+    "imagereward-null-prompt-id": ("imagereward", lambda t: set_cells(t, "prompt_id", FEW, None), "null prompt_id"),
+    "imagereward-relative-escape": ("imagereward", lambda t: set_cells(t, "image_path", FEW, "images/../../../etc/passwd"),
+                                    "image_path outside the data set"),
+    "imagereward-absolute-path": ("imagereward", lambda t: set_cells(t, "image_path", FEW, "/etc/passwd"),
+                                  "image_path outside the data set"),
     "binary-null-label": ("binary", lambda t: set_cells(t, "label", FEW, None), "null label"),
     "binary-out-of-range": ("binary", lambda t: set_cells(t, "label", FEW, 2), "label not 0 or 1"),
     "binary-non-numeric": ("binary", lambda t: set_cells(t, "label", FEW, "good", as_text=True),
@@ -507,3 +513,76 @@ def test_kill9_reward_model_resumes_to_the_uninterrupted_result(world, tmp_path,
     assert json.loads((cut / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
     assert_same_weights(whole / "final" / "model.safetensors", cut / "final" / "model.safetensors")
     run_load_line(printed, "load it with:", tmp_path)
+
+
+# ---------------------------------------------------------------- issue 24: paths, bytes and errors that say what is wrong
+
+
+def test_a_symlink_out_of_the_data_set_is_a_broken_row_never_opened(world, tmp_path, caplog):
+    """Three ways a link leads out of an ImageRewardDB copy: the image file, its zip, and a folder on the way. Each
+    row is skipped and counted, and reading its path is refused before anything is opened."""
+    import common.data
+
+    clean = clean_table(world, "imagereward")
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "folder" / "y.webp").write_bytes(b"secret")
+    (outside / "secret.webp").write_bytes(b"secret")
+    with zipfile.ZipFile(outside / "secret.zip", "w") as archive:
+        archive.writestr("other_1/x.webp", b"secret")
+    file_row = clean["image_path"][FEW[0]].as_py()  # images/train/train_1/<name>: an unzipped file wins over the zip
+    table = set_cells(set_cells(clean, "image_path", FEW[1:2], "images/train/other_1/x.webp"),
+                      "image_path", FEW[2:], "images/train/linked_1/y.webp")
+    src = copy_layout(world, "imagereward", tmp_path / "broken", table)
+    (src / file_row).parent.mkdir()
+    (src / file_row).symlink_to(outside / "secret.webp")
+    (src / "images" / "train" / "other_1.zip").symlink_to(outside / "secret.zip")
+    (src / "images" / "train" / "linked_1").symlink_to(outside / "folder")
+    with caplog.at_level(logging.INFO, logger="common.data"):
+        got = load("imagereward", src)
+    assert [r.getMessage() for r in caplog.records if r.name == "common.data"] == [
+        expected_summary("imagereward", src, clean, "image_path outside the data set")]
+    expected = load("imagereward", copy_layout(world, "imagereward", tmp_path / "clean", without(clean, FEW)))
+    assert content("imagereward", got) == content("imagereward", expected)
+    for path in (file_row, "images/train/other_1/x.webp", "images/train/linked_1/y.webp", "/etc/passwd",
+                 "../other/x.webp"):
+        with pytest.raises(ValueError, match=re.escape(f"image_path {path!r} leads outside the data set")):
+            common.data.read_imagereward_image(str(src), path)
+    assert image_bytes(got[0].image_w)  # the kept rows still read (from the zip)
+
+
+def test_an_image_cell_with_only_a_path_is_a_broken_row(world, tmp_path, caplog):
+    """A {'bytes', 'path'} image cell without bytes (binary layout): its path is never followed."""
+    clean = clean_table(world, "binary")
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": "/etc/passwd"} if r in FEW else {"bytes": b, "path": None}
+             for r, b in enumerate(clean["image"].to_pylist())]
+    table = clean.set_column(clean.schema.get_field_index("image"), "image", pa.array(cells, type=kind))
+    src = copy_layout(world, "binary", tmp_path, table)
+    with caplog.at_level(logging.INFO, logger="common.data"):
+        got = load("binary", src)
+    n = clean.num_rows
+    assert [r.getMessage() for r in caplog.records if r.name == "common.data"] == [
+        f"binary train ({src}): {n} rows read, {n - 3} kept, 3 broken skipped (3 image cell with a path and no bytes)"]
+    assert [image_bytes(image) for image in got["image"]] == without(clean, FEW)["image"].to_pylist()
+    with pytest.raises(ValueError, match="holds no bytes, only the path '/etc/passwd': not opened"):
+        image_bytes({"bytes": None, "path": "/etc/passwd"})
+
+
+@pytest.mark.parametrize("layout, column", [("pickapic", "caption"), ("imagereward", "prompt"), ("binary", "prompt")])
+def test_a_text_column_of_bytes_is_named_not_counted_as_empty(world, tmp_path, layout, column):
+    clean = clean_table(world, layout)
+    encoded = pa.array([t.encode() for t in clean[column].to_pylist()], type=pa.binary())
+    src = copy_layout(world, layout, tmp_path, clean.set_column(clean.schema.get_field_index(column), column, encoded))
+    with pytest.raises(ValueError, match=re.escape(f"column {column} holds bytes (binary, type binary), not text")) as e:
+        load(layout, src)
+    assert str(src) in str(e.value)
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
+    from common.data import load_prompts
+
+    file = tmp_path / "prompts.txt"
+    file.write_bytes("a red cube\n".encode() + "a blue café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{file}: not UTF-8 text (byte b'\\xe9' at offset 21)")):
+        load_prompts(str(file))
