@@ -586,3 +586,32 @@ def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
     file.write_bytes("a red cube\n".encode() + "a blue café\n".encode("latin-1"))
     with pytest.raises(ValueError, match=re.escape(f"{file}: not UTF-8 text (byte b'\\xe9' at offset 21)")):
         load_prompts(str(file))
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "iostream"])
+def test_a_full_disk_during_a_checkpoint_is_named(tmp_path, monkeypatch, error):
+    """The save fails as a full disk makes it fail: an OSError with errno ENOSPC (safetensors), or torch.save's C++
+    `basic_ios::clear: iostream error`, which has no errno (then the free space decides). The user is told the disk
+    is full and where; the half-written folder is removed and the previous checkpoint stays the latest."""
+    import errno
+
+    import common.runtime as runtime
+
+    weights = {"w": {"a": torch.zeros(4)}}
+    runtime.save_checkpoint(tmp_path, 4, weights, {})
+
+    def full(*args, **kwargs):
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(runtime, "save_file", full)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(OSError, match=re.escape(
+            f"no space left on device: checkpoint {checkpoints / 'step_0000005'} was not saved (the latest one, "
+            f"{checkpoints / 'step_0000004'}, is intact). Free space on the disk of {checkpoints}")) as e:
+        runtime.save_checkpoint(tmp_path, 5, weights, {})
+    assert e.value.errno == errno.ENOSPC
+    assert (checkpoints / "latest").read_text() == "step_0000004" and not list(checkpoints.glob(".tmp-*"))
+    assert runtime.load_checkpoint(tmp_path)[0] == 4
