@@ -520,7 +520,11 @@ def main(args: Args) -> Path:
     reward_unit = 1.0
     if args.reward_scale == "base":
         with reference_unet(unet, ref_unet) as ref:
-            reward_unit = validate(ref, None, *evaluation)[1].std().item()
+            base_rewards = validate(ref, None, *evaluation)[1]
+        bad = int((~torch.isfinite(base_rewards)).sum())  # NaN weights give NaN rewards, whose std is no "0"
+        require(bad == 0, f"--scorer {args.scorer}: {bad} of the base model's {len(base_rewards)} validation rewards "
+                f"are NaN or inf; the scorer's weights (--scorer-path {args.scorer_path}) are probably broken")
+        reward_unit = base_rewards.std().item()
         require(reward_unit > 0, "--reward-scale base: the base model's validation rewards are all equal; use none")
         if dist.is_main:
             print(f"reward unit: r / {reward_unit:.4g} (the std of the base model's {args.num_validation_prompts} validation rewards)")

@@ -250,6 +250,9 @@ def sft_loss(model_pred: Tensor, target: Tensor, weights: Tensor, reg_pred: Tens
 def reward_weights(rewards: Tensor, weighting: str, quantile: float) -> Tensor:
     """w for the whole generated set, (N,) -> (N,), rescaled to mean 1. Only the ratios between images shape the
     objective's minimiser; the mean of 1 keeps the learning rate and --reg-coef on plain SFT's scale."""
+    bad = int((~torch.isfinite(rewards)).sum())
+    require(bad == 0, f"{bad} of the generated set's {len(rewards)} rewards are NaN or inf: the scorer's weights "
+            "(--scorer, --scorer-path) are probably broken")
     if weighting == "raw":
         require(bool((rewards >= 0).all()), f"--weighting raw needs rewards >= 0, the set goes down to "
                 f"{rewards.min():.4g}: a negative weight pushes away from an image without bound. Use minmax")

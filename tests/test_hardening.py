@@ -615,3 +615,51 @@ def test_a_full_disk_during_a_checkpoint_is_named(tmp_path, monkeypatch, error):
     assert e.value.errno == errno.ENOSPC
     assert (checkpoints / "latest").read_text() == "step_0000004" and not list(checkpoints.glob(".tmp-*"))
     assert runtime.load_checkpoint(tmp_path)[0] == 4
+
+
+def test_truncated_safetensors_scorer_weights_are_named(world, tmp_path):
+    """A reward-model folder (dpok.py --scorer reward-model --scorer-path) and an aesthetic head whose .safetensors
+    was cut short: the error names the file, where safetensors alone said `incomplete metadata`."""
+    from safetensors.torch import save_file
+
+    from common.scorers import RewardMLP, load_scorer, save_reward_model
+
+    folder = tmp_path / "reward_model"
+    save_reward_model(folder, RewardMLP(32, 16, 1), dict(clip=str(world.clip), embed_dim=32, hidden_dim=16,
+                                                         num_hidden_layers=1))
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:40])
+    head = tmp_path / "aesthetic.safetensors"
+    save_file({"layers.0.weight": torch.zeros(1, 32)}, str(head))
+    head.write_bytes(head.read_bytes()[:5])
+    for name, path, named in (("reward-model", folder, file), ("aesthetic", head, head)):
+        with pytest.raises(ValueError, match=re.escape(f"{named}: not a readable safetensors file, truncated or "
+                                                       "damaged")):
+            load_scorer(name, str(path), clip_path=str(world.clip), flags=("--scorer-path", "--clip-path"))
+
+
+def test_a_reward_model_with_nan_weights_is_named_as_such(world, tmp_path, monkeypatch):
+    """dpok.py on a reward model whose weights are NaN: the error says so and names --scorer-path, where the run
+    used to stop on `the base model's validation rewards are all equal`. A scorer whose weights are finite but whose
+    scores are not (an fp16 overflow) is named by dpok.py's reward scale and sft.py's weighting."""
+    import dpok
+    import sft
+
+    from common.scorers import RewardMLP, save_reward_model
+
+    head = RewardMLP(32, 16, 1)
+    torch.nn.init.constant_(head.layers[0].weight, float("nan"))
+    save_reward_model(tmp_path / "rm", head, dict(clip=str(world.clip), embed_dim=32, hidden_dim=16,
+                                                  num_hidden_layers=1))
+    with pytest.raises(ValueError, match=re.escape(f"scorer 'reward-model': its weights (--scorer-path "
+                                                   f"{tmp_path / 'rm'}) hold NaN or inf values in 1 tensors")) as e:
+        dpok.main(dpok.parse_args(["--toy", "--scorer", "reward-model", "--scorer-path", str(tmp_path / "rm"),
+                                   "--output-dir", str(tmp_path / "run")]))
+    assert "all equal" not in str(e.value)
+
+    monkeypatch.setattr(dpok, "load_scorer", lambda *a, **k: lambda images, prompts: torch.full((len(prompts),),
+                                                                                                float("nan")))
+    with pytest.raises(ValueError, match=r"--scorer toy: 24 of the base model's 24 validation rewards are NaN or inf"):
+        dpok.main(dpok.parse_args(["--toy", "--num-validation-prompts", "24", "--output-dir", str(tmp_path / "run2")]))
+    with pytest.raises(ValueError, match=r"1 of the generated set's 3 rewards are NaN or inf"):
+        sft.reward_weights(torch.tensor([0.5, float("nan"), 1.0]), "minmax", 0.5)
