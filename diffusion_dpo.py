@@ -369,6 +369,7 @@ def main(args: Args) -> dict:
     require(0 <= args.max_broken_fraction < 1,
             f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.beta > 0, f"--beta must be > 0, got {args.beta}")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(args.steps >= 1 and args.lora_rank >= 0 and args.eval_draws >= 1, "--steps, --eval-draws must be >= 1 "
             f"and --lora-rank >= 0: got {args.steps}, {args.eval_draws}, {args.lora_rank}")

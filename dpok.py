@@ -371,6 +371,8 @@ def main(args: Args) -> Path:
     T = args.rollout_steps
     require(args.reward_coef > 0, f"--reward-coef must be > 0, got {args.reward_coef}")
     require(args.kl_coef >= 0, f"--kl-coef must be >= 0, got {args.kl_coef}")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
+    require(args.value_learning_rate > 0, f"--value-learning-rate must be > 0, got {args.value_learning_rate}")
     require(args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range}")
     require(0 < args.eta <= 1, f"--eta must be in (0, 1] so each transition has a density, got {args.eta}")
     require(T >= 1, f"--rollout-steps must be >= 1, got {T}")

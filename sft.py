@@ -406,7 +406,8 @@ def main(args: Args) -> dict:
             f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
-    require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
+    require(args.reg_coef >= 0, f"--reg-coef must be >= 0, got {args.reg_coef}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(0 < args.binary_quantile < 1, f"--binary-quantile must be in (0, 1), got {args.binary_quantile}")
     require(min(args.log_every, args.checkpoint_every, args.sample_every) >= 1,

@@ -663,3 +663,11 @@ def test_a_reward_model_with_nan_weights_is_named_as_such(world, tmp_path, monke
         dpok.main(dpok.parse_args(["--toy", "--num-validation-prompts", "24", "--output-dir", str(tmp_path / "run2")]))
     with pytest.raises(ValueError, match=r"1 of the generated set's 3 rewards are NaN or inf"):
         sft.reward_weights(torch.tensor([0.5, float("nan"), 1.0]), "minmax", 0.5)
+
+
+@pytest.mark.parametrize("script", ["diffusion_dpo", "dpok", "sft", "reward_model"])
+def test_a_negative_learning_rate_is_refused_before_the_data_loads(world, tmp_path, script):
+    missing = {"dpok": ["--prompts", "/no/such/prompts.txt"], "reward_model": ["--dataset-source",
+                                                                                "imagereward=/no/such/data"]}
+    with pytest.raises(ValueError, match=re.escape("--learning-rate must be > 0, got -0.0001")):
+        start(script, tmp_path, "--learning-rate=-1e-4", *missing.get(script, ["--dataset-source", "/no/such/data"]))
