@@ -590,7 +590,7 @@ def main(args: Args) -> dict:
             logger.log(row, step)
             progress.set_postfix(loss=f"{row['losses/loss']:.4f}", acc=f"{row['losses/implicit_acc']:.2f}")
             clock, pairs_since = time.time(), 0
-        if step % args.checkpoint_every == 0 or step == args.stop_at_step:
+        if step % args.checkpoint_every == 0 or step in (args.stop_at_step, args.steps):  # the last: --resume --steps
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
             save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="diffusion_dpo.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),

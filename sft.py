@@ -620,7 +620,7 @@ def main(args: Args) -> dict:
             logger.log(row, step)
             progress.set_postfix(loss=f"{row['losses/loss']:.4f}")
             clock, images_since = time.time(), 0
-        if step % args.checkpoint_every == 0:
+        if step % args.checkpoint_every == 0 or step == args.steps:  # the last too, so --resume --steps extends
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
             save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="sft.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.data import image_bytes, load_binary, load_pairs
+from common.runtime import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 FEW = [3, 10, 17]  # the damaged rows of a "few broken" copy: non-adjacent, within what any tiny run reads
@@ -349,7 +350,8 @@ def test_resume_checks_arguments_and_the_script_that_wrote_the_checkpoint(world,
     assert (out / "args.json").read_text() == args_json  # nothing rewritten by the refused runs
     start("diffusion_dpo", out, *quick, "--overwrite")  # a fresh run in the same folder: the old one is gone
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 3
-    assert not (out / "checkpoints").exists() and (out / "eval.json").exists()  # no step_0000001 of the old run
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000003"]  # the new run's last; not the old run's 1
+    assert (out / "eval.json").exists()
 
 
 @pytest.mark.parametrize("script", ["diffusion_dpo", "sft"])
@@ -671,3 +673,23 @@ def test_a_negative_learning_rate_is_refused_before_the_data_loads(world, tmp_pa
                                                                                 "imagereward=/no/such/data"]}
     with pytest.raises(ValueError, match=re.escape("--learning-rate must be > 0, got -0.0001")):
         start(script, tmp_path, "--learning-rate=-1e-4", *missing.get(script, ["--dataset-source", "/no/such/data"]))
+
+
+@pytest.mark.parametrize("script", ["diffusion_dpo", "sft"])
+def test_the_last_step_is_checkpointed_so_resume_can_extend_the_run(world, tmp_path, capsys, script):
+    """--steps 3 --checkpoint-every 2 leaves a step-3 checkpoint (it used to stop at step 2), and --resume --steps 4
+    continues from it to the same metrics and weights as 4 steps in one go."""
+    flags = ["--checkpoint-every", "2", "--log-every", "1", "--per-device-batch", "4", "--num-validation-prompts",
+             "0", "--reward-seeds", "0", *(["--max-pairs", "16", "--eval-pairs", "4"] if script == "diffusion_dpo"
+                                           else ["--data", "preferred", "--grad-accum", "1"])]
+    start(script, tmp_path / "whole", *flags, "--steps", "4")
+    start(script, tmp_path / "cut", *flags, "--steps", "3")
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_0000002", "step_0000003"]
+    capsys.readouterr()
+    start(script, tmp_path / "cut", *flags, "--steps", "4", "--resume")
+    assert f"resumed from step 3 of {tmp_path / 'cut'}" in capsys.readouterr().out
+    drop = "charts/pairs_per_second" if script == "diffusion_dpo" else "charts/images_per_second"
+    train = lambda out: [r for r in jsonl(out / "metrics.jsonl", drop) if "losses/loss" in r]  # noqa: E731
+    assert_same_rows(train(tmp_path / "cut"), train(tmp_path / "whole"), "3 steps, then resumed to 4")
+    unet = Path("final/unet/diffusion_pytorch_model.safetensors")
+    assert_same_weights(tmp_path / "whole" / unet, tmp_path / "cut" / unet)
