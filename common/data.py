@@ -283,19 +283,24 @@ def _zip(path: str, pid: int) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)  # one handle per process: a forked DataLoader worker must not share its file offset
 
 
-def _inside(root: str, path: Path) -> bool:
-    """Whether `path` lies inside the folder `root` once symlinks and `..` are resolved (realpath of both)."""
-    return os.path.realpath(path).startswith(os.path.join(os.path.realpath(root), ""))
+@functools.lru_cache(maxsize=None)
+def _data_set_folder(root: str) -> str:
+    """The folder that every path read from `root`'s data files must resolve into: `root` itself (symlinks
+    resolved, so the data set's own folder may be a link), or, for a Hugging Face cache snapshot
+    (<repo>/snapshots/<revision>, whose files are symlinks into <repo>/blobs), the repo's cache folder."""
+    folder = Path(os.path.realpath(root))
+    return os.path.join(folder.parent.parent if folder.parent.name == "snapshots" else folder, "")
 
 
-def _outside_data_set(root: str, image_path) -> bool:
+def _outside_data_set(root: str, image_path: str) -> bool:
     """An ImageRewardDB `image_path` that leaves its data set: absolute, `..` out of `root`, or a symlink (of the
     file, its zip, or a folder on the way) to somewhere else. Both places the image may be read from are checked,
     the unzipped file and its zip; the zip member's name is built from the path's last two parts, so it cannot
     leave the zip. A data file must never make us open /etc/passwd."""
     file = Path(root) / image_path
     archive = file.parent.parent / f"{file.parent.name}.zip"
-    return os.path.isabs(image_path) or not (_inside(root, file) and _inside(root, archive))
+    inside = _data_set_folder(root)
+    return os.path.isabs(image_path) or not all(os.path.realpath(p).startswith(inside) for p in (file, archive))
 
 
 def read_imagereward_image(root: str, image_path: str) -> bytes:

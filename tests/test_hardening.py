@@ -693,3 +693,17 @@ def test_the_last_step_is_checkpointed_so_resume_can_extend_the_run(world, tmp_p
     assert_same_rows(train(tmp_path / "cut"), train(tmp_path / "whole"), "3 steps, then resumed to 4")
     unet = Path("final/unet/diffusion_pytorch_model.safetensors")
     assert_same_weights(tmp_path / "whole" / unet, tmp_path / "cut" / unet)
+
+
+def test_a_hugging_face_cache_snapshot_is_one_data_set(world, tmp_path):
+    """snapshot_download's folder holds symlinks into the repo's blobs/: those stay inside the data set."""
+    repo = tmp_path / "datasets--THUDM--ImageRewardDB"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    (snapshot / "images" / "train").mkdir(parents=True)
+    for name, link in (("meta", snapshot / "metadata-train.parquet"),
+                       ("zip", snapshot / "images" / "train" / "train_1.zip")):
+        shutil.copy(world.imagereward / link.relative_to(snapshot), repo / "blobs" / name)
+        link.symlink_to(os.path.relpath(repo / "blobs" / name, link.parent))
+    pairs = load("imagereward", snapshot)
+    assert len(pairs) == len(load("imagereward", world.imagereward)) and image_bytes(pairs[0].image_w)
