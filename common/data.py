@@ -31,7 +31,11 @@ Bad data is skipped and counted, never guessed at and never silent. Every loader
   A few broken rows are skipped and counted; more than `max_broken` (a fraction of the split's rows; the scripts'
   --max-broken-fraction, default 1 %) stops the run with an error naming the file, the column and the first rows,
   because a label column that is mostly unusable means the layout was misread, not that a few rows are damaged.
-- Empty captions / prompts are skipped and counted in the same line, whatever their number.
+- Empty captions / prompts are skipped and counted in the same line, whatever their number; so are an ImageRewardDB
+  row with a null prompt_id (no group to rank within) and an image cell holding a path but no bytes. A caption or
+  prompt column of bytes is an error naming it.
+- Paths read from a data file stay inside the data set: an ImageRewardDB image_path that is absolute, climbs out
+  with `..`, or leads out through a symlink is a broken row, skipped and counted, never opened.
 - An image that does not decode makes `PairDataset.__getitem__` log a warning and return None, and
   `collate_skip_none` drops it and reports `batch["num_skipped"]` for the script to sum and log.
 - A 0-byte or unreadable parquet file and a split with 0 rows are errors naming the file.
