@@ -370,6 +370,7 @@ def main(args: Args) -> dict:
     require(0 <= args.max_broken_fraction < 1,
             f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.beta > 0, f"--beta must be > 0, got {args.beta}")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(args.steps >= 1 and args.lora_rank >= 0 and args.eval_draws >= 1, "--steps, --eval-draws must be >= 1 "
             f"and --lora-rank >= 0: got {args.steps}, {args.eval_draws}, {args.lora_rank}")
@@ -590,7 +591,7 @@ def main(args: Args) -> dict:
             logger.log(row, step)
             progress.set_postfix(loss=f"{row['losses/loss']:.4f}", acc=f"{row['losses/implicit_acc']:.2f}")
             clock, pairs_since = time.time(), 0
-        if step % args.checkpoint_every == 0 or step == args.stop_at_step:
+        if step % args.checkpoint_every == 0 or step in (args.stop_at_step, args.steps):  # the last: --resume --steps
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
             save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="diffusion_dpo.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),

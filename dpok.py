@@ -374,6 +374,8 @@ def main(args: Args) -> Path:
     T = args.rollout_steps
     require(args.reward_coef > 0, f"--reward-coef must be > 0, got {args.reward_coef}")
     require(args.kl_coef >= 0, f"--kl-coef must be >= 0, got {args.kl_coef}")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
+    require(args.value_learning_rate > 0, f"--value-learning-rate must be > 0, got {args.value_learning_rate}")
     require(args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range}")
     require(0 < args.eta <= 1, f"--eta must be in (0, 1] so each transition has a density, got {args.eta}")
     require(T >= 1, f"--rollout-steps must be >= 1, got {T}")
@@ -525,7 +527,11 @@ def main(args: Args) -> Path:
     reward_unit = 1.0
     if args.reward_scale == "base":
         with reference_unet(unet, ref_unet) as ref:
-            reward_unit = validate(ref, None, *evaluation)[1].std().item()
+            base_rewards = validate(ref, None, *evaluation)[1]
+        bad = int((~torch.isfinite(base_rewards)).sum())  # NaN weights give NaN rewards, whose std is no "0"
+        require(bad == 0, f"--scorer {args.scorer}: {bad} of the base model's {len(base_rewards)} validation rewards "
+                f"are NaN or inf; the scorer's weights (--scorer-path {args.scorer_path}) are probably broken")
+        reward_unit = base_rewards.std().item()
         require(reward_unit > 0, "--reward-scale base: the base model's validation rewards are all equal; use none")
         if dist.is_main:
             print(f"reward unit: r / {reward_unit:.4g} (the std of the base model's {args.num_validation_prompts} validation rewards)")

@@ -490,6 +490,7 @@ def main(args: Args) -> dict[str, float]:
             "--num-prompts must be >= 2, --pc-coef >= 0 and --pc-temperature > 0")
     require((args.steps is None or args.steps >= 1) and args.per_device_batch >= 1 and args.grad_accum >= 1,
             "--steps, --per-device-batch and --grad-accum must be >= 1")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
     require(not args.resume or args.output_dir is not None, "--resume needs --output-dir (the run to continue)")
     dist = setup_distributed()
     device = dist.device

@@ -252,6 +252,9 @@ def sft_loss(model_pred: Tensor, target: Tensor, weights: Tensor, reg_pred: Tens
 def reward_weights(rewards: Tensor, weighting: str, quantile: float) -> Tensor:
     """w for the whole generated set, (N,) -> (N,), rescaled to mean 1. Only the ratios between images shape the
     objective's minimiser; the mean of 1 keeps the learning rate and --reg-coef on plain SFT's scale."""
+    bad = int((~torch.isfinite(rewards)).sum())
+    require(bad == 0, f"{bad} of the generated set's {len(rewards)} rewards are NaN or inf: the scorer's weights "
+            "(--scorer, --scorer-path) are probably broken")
     if weighting == "raw":
         require(bool((rewards >= 0).all()), f"--weighting raw needs rewards >= 0, the set goes down to "
                 f"{rewards.min():.4g}: a negative weight pushes away from an image without bound. Use minmax")
@@ -405,7 +408,8 @@ def main(args: Args) -> dict:
             f"--max-broken-fraction must be in [0, 1), got {args.max_broken_fraction}")
     require(args.steps >= 1 and args.lora_rank >= 0, f"--steps must be >= 1 and --lora-rank >= 0: got {args.steps}, "
             f"{args.lora_rank}")
-    require(args.learning_rate > 0 and args.reg_coef >= 0, "--learning-rate must be > 0 and --reg-coef >= 0")
+    require(args.learning_rate > 0, f"--learning-rate must be > 0, got {args.learning_rate}")
+    require(args.reg_coef >= 0, f"--reg-coef must be >= 0, got {args.reg_coef}")
     require(0 <= args.prompt_dropout < 1, f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}")
     require(0 < args.binary_quantile < 1, f"--binary-quantile must be in (0, 1), got {args.binary_quantile}")
     require(min(args.log_every, args.checkpoint_every, args.sample_every) >= 1,
@@ -619,7 +623,7 @@ def main(args: Args) -> dict:
             logger.log(row, step)
             progress.set_postfix(loss=f"{row['losses/loss']:.4f}")
             clock, images_since = time.time(), 0
-        if step % args.checkpoint_every == 0:
+        if step % args.checkpoint_every == 0 or step == args.steps:  # the last too, so --resume --steps extends
             weights = get_peft_model_state_dict(unet) if args.lora_rank else unet.state_dict()
             save_checkpoint(out, step, {weights_name: weights}, generators=[gen], script="sft.py", extra={
                 "optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),

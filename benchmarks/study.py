@@ -102,7 +102,7 @@ class Args:
     """real: the base pipeline (hub id or folder; --offline-dir overrides)"""
     dataset_source: str = "THUDM/ImageRewardDB"
     """real: ImageRewardDB, hub id or folder (--offline-dir overrides); the study writes a filtered copy of its
-    metadata (images linked, not copied)"""
+    metadata (image files hard-linked where the file system allows)"""
     prompts: str = "partiprompts"
     """real: the test prompts (evaluate.py --prompts; --offline-dir overrides)"""
     fid_reference: str | None = None
@@ -184,12 +184,20 @@ def check_disjoint(sets: dict[str, list[str]]) -> None:
 
 def filtered_imagereward(src: Path, dst: Path, keep: dict[str, list[str] | None], drop: list[str]) -> dict:
     """A copy of ImageRewardDB's metadata whose split `name` keeps only the rows whose prompt is in keep[name] (None:
-    every row) and not in `drop` (normalised text); the image folders are linked, not copied; nothing in src changes.
-    Returns {split: (rows read, rows kept, prompts kept)}; the kept prompts are written to dst/prompts-<split>.txt."""
+    every row) and not in `drop` (normalised text); nothing in src changes. The image files are hard-linked (copied
+    where src is on another file system): a symlink would lead out of the data set, which the loaders refuse
+    (common/data.py). Returns {split: (rows read, rows kept, prompts kept)}; the kept prompts go to
+    dst/prompts-<split>.txt."""
     counts, dropped = {}, {normalise(p) for p in drop}
     dst.mkdir(parents=True, exist_ok=True)
-    if not (dst / "images").exists():
-        (dst / "images").symlink_to((src / "images").resolve())
+    for file in sorted((src / "images").resolve().rglob("*")):
+        target = dst / "images" / file.relative_to((src / "images").resolve())
+        if file.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(file, target)
+            except OSError:  # another file system (or no hard links there): copy
+                shutil.copy2(file, target)
     for split, prompts in keep.items():
         table = pq.read_table(src / f"metadata-{split}.parquet")
         wanted = None if prompts is None else set(prompts)

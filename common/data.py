@@ -31,7 +31,11 @@ Bad data is skipped and counted, never guessed at and never silent. Every loader
   A few broken rows are skipped and counted; more than `max_broken` (a fraction of the split's rows; the scripts'
   --max-broken-fraction, default 1 %) stops the run with an error naming the file, the column and the first rows,
   because a label column that is mostly unusable means the layout was misread, not that a few rows are damaged.
-- Empty captions / prompts are skipped and counted in the same line, whatever their number.
+- Empty captions / prompts are skipped and counted in the same line, whatever their number; so are an ImageRewardDB
+  row with a null prompt_id (no group to rank within) and an image cell holding a path but no bytes. A caption or
+  prompt column of bytes is an error naming it.
+- Paths read from a data file stay inside the data set: an ImageRewardDB image_path that is absolute, climbs out
+  with `..`, or leads out through a symlink is a broken row, skipped and counted, never opened.
 - An image that does not decode makes `PairDataset.__getitem__` log a warning and return None, and
   `collate_skip_none` drops it and reports `batch["num_skipped"]` for the script to sum and log.
 - A 0-byte or unreadable parquet file and a split with 0 rows are errors naming the file.
@@ -68,6 +72,9 @@ log = logging.getLogger(__name__)
 
 # The default of every loader's `max_broken`: above 1 % of a split's rows with unusable labels, stop (see above).
 MAX_BROKEN_FRACTION = 0.01
+
+# The broken-row reason of an image cell that holds a path and no bytes (see _path_only).
+PATH_ONLY = "image cell with a path and no bytes"
 
 # An image as stored: encoded bytes, a `datasets` Image dict {'bytes', 'path'}, or a loader returning either.
 ImageRef = Union[bytes, dict, Callable[[], Union[bytes, dict]]]
@@ -151,6 +158,26 @@ def _open(source: str, split: str | None, required: list[str], layout: str) -> d
 
 def _nonempty(texts: list) -> np.ndarray:
     return np.array([isinstance(t, str) and t.strip() != "" for t in texts], dtype=bool)
+
+
+def _path_only(ds: datasets.Dataset, column: str) -> np.ndarray:
+    """Rows whose image cell is a {'bytes', 'path'} struct without bytes. Its path was written into the data file by
+    whoever made it and can point anywhere (../../, /etc/passwd): we never follow it, the row is broken."""
+    cells = ds.data.column(column)
+    if not pa.types.is_struct(cells.type) or cells.type.get_field_index("bytes") < 0:
+        return np.zeros(len(cells), dtype=bool)
+    return pc.is_null(pc.struct_field(cells, "bytes")).to_numpy(zero_copy_only=False)
+
+
+def _texts(table: datasets.Dataset | pa.Table, column: str, where: str) -> list:
+    """A caption or prompt column as a list. A column of bytes is an error naming it: counted row by row it would
+    read as all-empty captions, hiding that the column holds encoded data (an image, or text never decoded)."""
+    cells = (table.data if isinstance(table, datasets.Dataset) else table).column(column)
+    if pa.types.is_binary(cells.type) or pa.types.is_large_binary(cells.type) or \
+            pa.types.is_fixed_size_binary(cells.type):
+        raise ValueError(f"{where}: column {column} holds bytes (binary, type {cells.type}), not text; decode it "
+                         "to UTF-8 strings, or check that the columns are not swapped")
+    return cells.to_pylist()
 
 
 # ---------------------------------------------------------------- validating labels and ranks, and the summary line
@@ -240,9 +267,11 @@ def load_pickapic(
         "label pair not (1, 0), (0, 1) or (0.5, 0.5)": ~valid,
     }, max_broken, f"{source} (split {split}), label_0/label_1")
     tie = valid & (label_0 == 0.5)
-    has_caption = _nonempty(ds.data.column("caption").to_pylist())
-    skipped["empty caption"] = int((~has_caption & ~broken).sum())
-    usable = ~broken & has_caption
+    has_caption = _nonempty(_texts(ds, "caption", f"{source} (split {split})"))
+    no_bytes = _path_only(ds, "jpg_0") | _path_only(ds, "jpg_1")
+    skipped[PATH_ONLY] = int((no_bytes & ~broken).sum())
+    skipped["empty caption"] = int((~has_caption & ~broken & ~no_bytes).sum())
+    usable = ~broken & ~no_bytes & has_caption
     # The official Diffusion-DPO code keeps only label_0 in (0, 1) and swaps when label_0 == 0, printing
     # "Eliminated {n}/{N} split decisions for Pick-a-pic".
     keep = usable & (keep_ties | ~tie)
@@ -258,8 +287,31 @@ def _zip(path: str, pid: int) -> zipfile.ZipFile:
     return zipfile.ZipFile(path)  # one handle per process: a forked DataLoader worker must not share its file offset
 
 
+@functools.lru_cache(maxsize=None)
+def _data_set_folder(root: str) -> str:
+    """The folder that every path read from `root`'s data files must resolve into: `root` itself (symlinks
+    resolved, so the data set's own folder may be a link), or, for a Hugging Face cache snapshot
+    (<repo>/snapshots/<revision>, whose files are symlinks into <repo>/blobs), the repo's cache folder."""
+    folder = Path(os.path.realpath(root))
+    return os.path.join(folder.parent.parent if folder.parent.name == "snapshots" else folder, "")
+
+
+def _outside_data_set(root: str, image_path: str) -> bool:
+    """An ImageRewardDB `image_path` that leaves its data set: absolute, `..` out of `root`, or a symlink (of the
+    file, its zip, or a folder on the way) to somewhere else. Both places the image may be read from are checked,
+    the unzipped file and its zip; the zip member's name is built from the path's last two parts, so it cannot
+    leave the zip. A data file must never make us open /etc/passwd."""
+    file = Path(root) / image_path
+    archive = file.parent.parent / f"{file.parent.name}.zip"
+    inside = _data_set_folder(root)
+    return os.path.isabs(image_path) or not all(os.path.realpath(p).startswith(inside) for p in (file, archive))
+
+
 def read_imagereward_image(root: str, image_path: str) -> bytes:
-    """The bytes of `root/image_path` if unzipped, else of member `<split>_N/<file>` of images/<split>/<split>_N.zip."""
+    """The bytes of `root/image_path` if unzipped, else of member `<split>_N/<file>` of images/<split>/<split>_N.zip.
+    A path that leaves `root` is refused unopened (load_imagereward has already skipped and counted such rows)."""
+    if _outside_data_set(root, image_path):
+        raise ValueError(f"image_path {image_path!r} leads outside the data set {root}: not opened")
     file = Path(root) / image_path
     if file.is_file():
         return file.read_bytes()
@@ -302,16 +354,30 @@ def _imagereward_rows(source: str, split: str, max_broken: float) -> tuple[list[
     if image_column == "image":  # images inside the parquet: read a row's cell when asked
         loaders = [functools.partial(_dataset_cell, ds.select_columns(["image"]), "image", i) for i in range(len(ds))]
     else:
-        loaders = [functools.partial(read_imagereward_image, str(meta.parent), p) for p in ds["image_path"]]
+        paths = ds["image_path"]
+        loaders = [functools.partial(read_imagereward_image, str(meta.parent), p) for p in paths]
     rank, null, text = _numbers(ds.data.column("rank"))
     whole = ~np.isnan(rank) & (rank >= 1) & (np.mod(rank, 1) == 0)  # ImageRewardDB ranks are 1 (best), 2, ...
     broken, skipped = _broken_rows(
         {"null rank": null, "non-numeric rank": text, "rank not a whole number >= 1": ~whole},
         max_broken, f"{meta}, column rank")
     table = ds.select_columns(["prompt_id", "prompt"]).to_dict()
-    has_prompt = _nonempty(table["prompt"])
-    skipped["empty prompt"] = int((~has_prompt & ~broken).sum())
-    keep = ~broken & has_prompt
+    # Rows that cannot be used whatever their rank, each counted under its first reason: no group to rank within
+    # (a null prompt_id would pool every such row into one prompt), an image path that leaves the data set, no
+    # prompt. Never fatal, as empty captions are not.
+    problems = {"null prompt_id": pc.is_null(ds.data.column("prompt_id"), nan_is_null=True).to_numpy(
+        zero_copy_only=False)}
+    if image_column == "image":
+        problems[PATH_ONLY] = _path_only(ds, "image")
+    else:
+        problems["null image_path"] = np.array([not isinstance(p, str) or p == "" for p in paths], dtype=bool)
+        problems["image_path outside the data set"] = np.array(
+            [isinstance(p, str) and p != "" and _outside_data_set(str(meta.parent), p) for p in paths], dtype=bool)
+    problems["empty prompt"] = ~_nonempty(_texts(ds, "prompt", str(meta)))
+    keep = ~broken
+    for reason, mask in problems.items():
+        skipped[reason] = int((mask & keep).sum())
+        keep &= ~mask
     rows = [
         dict(prompt_id=pid, prompt=prompt, rank=int(r), image=loader)
         for pid, prompt, r, loader, ok in zip(table["prompt_id"], table["prompt"], rank, loaders, keep)
@@ -365,8 +431,10 @@ def load_pairs(
 def image_bytes(image: ImageRef) -> bytes:
     if callable(image):
         return image_bytes(image())
-    if isinstance(image, dict):
-        return image["bytes"] if image.get("bytes") is not None else Path(image["path"]).read_bytes()
+    if isinstance(image, dict):  # a path in a data file is never followed (the loaders skip such rows)
+        if image.get("bytes") is None:
+            raise ValueError(f"the image cell holds no bytes, only the path {image.get('path')!r}: not opened")
+        return image["bytes"]
     return bytes(image)
 
 
@@ -446,7 +514,7 @@ def collate_skip_none(batch: list[dict | None]) -> dict | None:
 
 
 def _drop_empty(ds: datasets.Dataset, column: str, what: str) -> datasets.Dataset:
-    keep = _nonempty(ds.data.column(column).to_pylist())
+    keep = _nonempty(_texts(ds, column, what))
     if not keep.all():
         n = int((~keep).sum())
         log.warning("%s: skipped %d of %d rows: %d empty %ss", what, n, len(ds), n, column)
@@ -468,9 +536,11 @@ def load_binary(source: str, split: str, max_broken: float = MAX_BROKEN_FRACTION
     broken, skipped = _broken_rows({"null label": null, "non-numeric label": text,
                                     "label not 0 or 1": (label != 0) & (label != 1)},
                                    max_broken, f"{source} (split {split}), column label")
-    has_prompt = _nonempty(ds.data.column("prompt").to_pylist())
-    skipped["empty prompt"] = int((~has_prompt & ~broken).sum())
-    keep = np.flatnonzero(~broken & has_prompt)
+    has_prompt = _nonempty(_texts(ds, "prompt", f"{source} (split {split})"))
+    no_bytes = _path_only(ds, "image")
+    skipped[PATH_ONLY] = int((no_bytes & ~broken).sum())
+    skipped["empty prompt"] = int((~has_prompt & ~broken & ~no_bytes).sum())
+    keep = np.flatnonzero(~broken & ~no_bytes & has_prompt)
     _summary(f"binary {split} ({source})", len(ds), len(keep), None, skipped)
     if len(keep) < len(ds):
         ds = ds.select(keep)
@@ -492,6 +562,15 @@ def _hub_prompts(name: str, repo: str, split: str, column: str) -> list[str]:
         ) from e
 
 
+def _utf8(path: Path) -> str:
+    """A text file's contents; a file that is not UTF-8 is an error naming it and the first bad byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset {e.start}); "
+                         "save it as UTF-8") from e
+
+
 def load_prompts(source: str) -> list[str]:
     """A prompt set: a text file (one per line), a .json list, a parquet file (`caption` or `prompt` column,
     duplicates removed, since Pick-a-Pic repeats a caption per pair), an HPSv2 folder (anime/concept-art/paintings/
@@ -501,17 +580,17 @@ def load_prompts(source: str) -> list[str]:
         missing = [f"{s}.json" for s in HPSV2_STYLES if not (path / f"{s}.json").is_file()]
         if missing:
             raise FileNotFoundError(f"{source}: not an HPSv2 prompt folder, missing {', '.join(missing)}")
-        prompts = [p for s in HPSV2_STYLES for p in json.loads((path / f"{s}.json").read_text())]
+        prompts = [p for s in HPSV2_STYLES for p in json.loads(_utf8(path / f"{s}.json"))]
     elif path.suffix == ".parquet" and path.is_file():
         names = _schema(path)
         column = "caption" if "caption" in names else "prompt"
         if column not in names:
             raise ValueError(f"{path}: missing column caption or prompt; it has {names}")
-        prompts = list(dict.fromkeys(pq.read_table(path, columns=[column]).column(column).to_pylist()))
+        prompts = list(dict.fromkeys(_texts(pq.read_table(path, columns=[column]), column, str(path))))
     elif path.suffix == ".json" and path.is_file():
-        prompts = json.loads(path.read_text())
+        prompts = json.loads(_utf8(path))
     elif path.is_file():
-        prompts = path.read_text().splitlines()
+        prompts = _utf8(path).splitlines()
     elif source == "partiprompts":
         prompts = _hub_prompts(source, "nateraw/parti-prompts", "train", "Prompt")
     elif source == "pickapic":

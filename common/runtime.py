@@ -18,6 +18,7 @@ Nothing here knows about diffusion, preferences or rewards; read a script first,
 
 import dataclasses
 import contextlib
+import errno
 import json
 import math
 import os
@@ -183,14 +184,23 @@ def save_checkpoint(output_dir: str | Path, step: int, weights: dict[str, dict[s
         for stale in root.glob(".tmp-*"):  # left by a save that crashed
             shutil.rmtree(stale)
         tmp = root / f".tmp-{final.name}"
-        tmp.mkdir()
-        for name, state_dict in weights.items():
-            # safetensors wants contiguous CPU tensors that share no storage, hence a copy per tensor.
-            save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()},
-                      str(tmp / f"{name}.safetensors"))
-        torch.save({"step": step, "rng": rngs, "extra": extra, "script": script}, tmp / "state.pt")
-        for f in tmp.iterdir():  # on disk before the rename, or a power cut could publish empty files
-            _fsync(f)
+        try:
+            tmp.mkdir()
+            for name, state_dict in weights.items():
+                # safetensors wants contiguous CPU tensors that share no storage, hence a copy per tensor.
+                save_file({k: v.detach().to("cpu", copy=True).contiguous() for k, v in state_dict.items()},
+                          str(tmp / f"{name}.safetensors"))
+            torch.save({"step": step, "rng": rngs, "extra": extra, "script": script}, tmp / "state.pt")
+            for f in tmp.iterdir():  # on disk before the rename, or a power cut could publish empty files
+                _fsync(f)
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e, root):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # the half-written folder would only hold the space
+            last = latest_checkpoint(output_dir)
+            raise OSError(errno.ENOSPC, f"no space left on device: checkpoint {final} was not saved ("
+                          + (f"the latest one, {last}, is intact" if last else "no earlier checkpoint exists")
+                          + f"). Free space on the disk of {root}, then continue with --resume") from e
         if final.exists():  # re-saving a step after resuming from an earlier checkpoint: swap, then delete
             os.replace(final, root / f".tmp-old-{final.name}")
         os.replace(tmp, final)
@@ -272,6 +282,14 @@ def check_resume_args(saved: dict, args, may_change: frozenset[str] = RESUME_MAY
                if k not in may_change and _plain(saved[k], keep_tensors=False) != now[k]]
     require(not changed, f"--resume: run-defining arguments differ from the checkpoint's run: {'; '.join(changed)}. "
             "Resume with the same ones, or start a new run in another --output-dir")
+
+
+def _disk_full(error: Exception, folder: Path) -> bool:
+    """Whether a failed write ran out of disk: ENOSPC, or torch.save's C++ stream error (`basic_ios::clear:
+    iostream error`, which carries no errno) on a disk with under 1 MiB free."""
+    if isinstance(error, OSError):
+        return error.errno == errno.ENOSPC
+    return "iostream error" in str(error) and shutil.disk_usage(folder).free < 2**20
 
 
 def _fsync(path: Path) -> None:

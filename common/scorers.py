@@ -47,6 +47,7 @@ processor), never through PIL. Use `torch.no_grad()` around a call when no gradi
 transformers only; never `trust_remote_code`, never pickle.
 """
 
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -225,8 +226,18 @@ def load_reward_model(folder: str | Path) -> tuple[RewardMLP, dict]:
     config = json.loads((folder / "config.json").read_text())
     # Folders written before the head became a choice hold our linear head ("mlp").
     head = RewardMLP(config["embed_dim"], config["hidden_dim"], config["num_hidden_layers"], config.get("head", "mlp"))
-    head.load_state_dict(load_file(str(folder / "model.safetensors")))
+    head.load_state_dict(_load_safetensors(folder / "model.safetensors"))
     return head, config
+
+
+def _load_safetensors(file: str | Path) -> dict[str, torch.Tensor]:
+    """load_file, with an error that names the file when it is truncated or damaged (safetensors' own message,
+    e.g. `incomplete metadata`, does not say which file)."""
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors_rust.SafetensorError, or OSError for an unreadable file
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or damaged ({type(e).__name__}: "
+                         f"{e}); copy or download it again") from e
 
 
 # ------------------------------------------------------------------------------------------------ scorers
@@ -559,7 +570,7 @@ def load_imagereward(path: str | None, tokenizer_path: str | None = None, dtype:
 
 def _load_aesthetic_head(path: str) -> AestheticMLP:
     if path.endswith(".safetensors"):
-        state = load_file(path)
+        state = _load_safetensors(path)
     else:  # the released .pth is a plain state dict; weights_only refuses anything that would run code
         state = torch.load(path, map_location="cpu", weights_only=True)
     if "layers.0.weight" not in state:
@@ -602,6 +613,11 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
                       f"processor/backbone {clip_path or 'the default'}): {str(e).splitlines()[0][:300]}\n"
                       f"Offline, pass local copies with {flags[0]} (weights) and {flags[1]} (processor or "
                       "backbone)") from e
+    broken = [n for n, t in itertools.chain(scorer.named_parameters(), scorer.named_buffers())
+              if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:  # else every score is NaN, and a script says something about the scores instead of the weights
+        raise ValueError(f"scorer {name!r}: its weights ({flags[0]} {path or 'None: the hub default'}) hold NaN or "
+                         f"inf values in {len(broken)} tensors (e.g. {', '.join(broken[:3])}): they are broken")
     return scorer.to(device).eval().requires_grad_(False)
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from common.data import image_bytes, load_binary, load_pairs
+from common.runtime import list_checkpoints
 
 REPO = Path(__file__).resolve().parent.parent
 FEW = [3, 10, 17]  # the damaged rows of a "few broken" copy: non-adjacent, within what any tiny run reads
@@ -55,8 +56,8 @@ def copy_layout(world, layout: str, root: Path, table: pa.Table | None = None) -
     """A copy of the toy `layout` under root/<layout> whose training file holds `table` (default: the clean one)."""
     src, dst = Path(getattr(world, layout)), root / layout
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("images"))
-    if (src / "images").exists():
-        (dst / "images").symlink_to(src / "images")  # read-only: nothing writes into the shared toy world
+    if (src / "images").exists():  # copied: a symlink out of the data set makes every image_path a broken row
+        shutil.copytree(src / "images", dst / "images")
     if table is not None:
         pq.write_table(table, dst / LAYOUT_FILES[layout])
     return dst
@@ -84,6 +85,12 @@ CASES = {
     "imagereward-#1-rank": ("imagereward", lambda t: set_cells(t, "rank", FEW, "#1", as_text=True),
                             "non-numeric rank"),
     "imagereward-empty-prompt": ("imagereward", lambda t: set_cells(t, "prompt", FEW, ""), "empty prompt"),
+    # issue 24: no group to rank within (it pooled every such row into one prompt), and paths that leave the data set
+    "imagereward-null-prompt-id": ("imagereward", lambda t: set_cells(t, "prompt_id", FEW, None), "null prompt_id"),
+    "imagereward-relative-escape": ("imagereward", lambda t: set_cells(t, "image_path", FEW, "images/../../../etc/passwd"),
+                                    "image_path outside the data set"),
+    "imagereward-absolute-path": ("imagereward", lambda t: set_cells(t, "image_path", FEW, "/etc/passwd"),
+                                  "image_path outside the data set"),
     "binary-null-label": ("binary", lambda t: set_cells(t, "label", FEW, None), "null label"),
     "binary-out-of-range": ("binary", lambda t: set_cells(t, "label", FEW, 2), "label not 0 or 1"),
     "binary-non-numeric": ("binary", lambda t: set_cells(t, "label", FEW, "good", as_text=True),
@@ -343,7 +350,8 @@ def test_resume_checks_arguments_and_the_script_that_wrote_the_checkpoint(world,
     assert (out / "args.json").read_text() == args_json  # nothing rewritten by the refused runs
     start("diffusion_dpo", out, *quick, "--overwrite")  # a fresh run in the same folder: the old one is gone
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()][-1] == 3
-    assert not (out / "checkpoints").exists() and (out / "eval.json").exists()  # no step_0000001 of the old run
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000003"]  # the new run's last; not the old run's 1
+    assert (out / "eval.json").exists()
 
 
 @pytest.mark.parametrize("script", ["diffusion_dpo", "sft"])
@@ -507,3 +515,195 @@ def test_kill9_reward_model_resumes_to_the_uninterrupted_result(world, tmp_path,
     assert json.loads((cut / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
     assert_same_weights(whole / "final" / "model.safetensors", cut / "final" / "model.safetensors")
     run_load_line(printed, "load it with:", tmp_path)
+
+
+# ---------------------------------------------------------------- issue 24: paths, bytes and errors that say what is wrong
+
+
+def test_a_symlink_out_of_the_data_set_is_a_broken_row_never_opened(world, tmp_path, caplog):
+    """Three ways a link leads out of an ImageRewardDB copy: the image file, its zip, and a folder on the way. Each
+    row is skipped and counted, and reading its path is refused before anything is opened."""
+    import common.data
+
+    clean = clean_table(world, "imagereward")
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "folder" / "y.webp").write_bytes(b"secret")
+    (outside / "secret.webp").write_bytes(b"secret")
+    with zipfile.ZipFile(outside / "secret.zip", "w") as archive:
+        archive.writestr("other_1/x.webp", b"secret")
+    file_row = clean["image_path"][FEW[0]].as_py()  # images/train/train_1/<name>: an unzipped file wins over the zip
+    table = set_cells(set_cells(clean, "image_path", FEW[1:2], "images/train/other_1/x.webp"),
+                      "image_path", FEW[2:], "images/train/linked_1/y.webp")
+    src = copy_layout(world, "imagereward", tmp_path / "broken", table)
+    (src / file_row).parent.mkdir()
+    (src / file_row).symlink_to(outside / "secret.webp")
+    (src / "images" / "train" / "other_1.zip").symlink_to(outside / "secret.zip")
+    (src / "images" / "train" / "linked_1").symlink_to(outside / "folder")
+    with caplog.at_level(logging.INFO, logger="common.data"):
+        got = load("imagereward", src)
+    assert [r.getMessage() for r in caplog.records if r.name == "common.data"] == [
+        expected_summary("imagereward", src, clean, "image_path outside the data set")]
+    expected = load("imagereward", copy_layout(world, "imagereward", tmp_path / "clean", without(clean, FEW)))
+    assert content("imagereward", got) == content("imagereward", expected)
+    for path in (file_row, "images/train/other_1/x.webp", "images/train/linked_1/y.webp", "/etc/passwd",
+                 "../other/x.webp"):
+        with pytest.raises(ValueError, match=re.escape(f"image_path {path!r} leads outside the data set")):
+            common.data.read_imagereward_image(str(src), path)
+    assert image_bytes(got[0].image_w)  # the kept rows still read (from the zip)
+
+
+def test_an_image_cell_with_only_a_path_is_a_broken_row(world, tmp_path, caplog):
+    """A {'bytes', 'path'} image cell without bytes (binary layout): its path is never followed."""
+    clean = clean_table(world, "binary")
+    kind = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    cells = [{"bytes": None, "path": "/etc/passwd"} if r in FEW else {"bytes": b, "path": None}
+             for r, b in enumerate(clean["image"].to_pylist())]
+    table = clean.set_column(clean.schema.get_field_index("image"), "image", pa.array(cells, type=kind))
+    src = copy_layout(world, "binary", tmp_path, table)
+    with caplog.at_level(logging.INFO, logger="common.data"):
+        got = load("binary", src)
+    n = clean.num_rows
+    assert [r.getMessage() for r in caplog.records if r.name == "common.data"] == [
+        f"binary train ({src}): {n} rows read, {n - 3} kept, 3 broken skipped (3 image cell with a path and no bytes)"]
+    assert [image_bytes(image) for image in got["image"]] == without(clean, FEW)["image"].to_pylist()
+    with pytest.raises(ValueError, match="holds no bytes, only the path '/etc/passwd': not opened"):
+        image_bytes({"bytes": None, "path": "/etc/passwd"})
+
+
+@pytest.mark.parametrize("layout, column", [("pickapic", "caption"), ("imagereward", "prompt"), ("binary", "prompt")])
+def test_a_text_column_of_bytes_is_named_not_counted_as_empty(world, tmp_path, layout, column):
+    clean = clean_table(world, layout)
+    encoded = pa.array([t.encode() for t in clean[column].to_pylist()], type=pa.binary())
+    src = copy_layout(world, layout, tmp_path, clean.set_column(clean.schema.get_field_index(column), column, encoded))
+    with pytest.raises(ValueError, match=re.escape(f"column {column} holds bytes (binary, type binary), not text")) as e:
+        load(layout, src)
+    assert str(src) in str(e.value)
+
+
+def test_a_prompts_file_that_is_not_utf8_is_named(tmp_path):
+    from common.data import load_prompts
+
+    file = tmp_path / "prompts.txt"
+    file.write_bytes("a red cube\n".encode() + "a blue café\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=re.escape(f"{file}: not UTF-8 text (byte b'\\xe9' at offset 21)")):
+        load_prompts(str(file))
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "iostream"])
+def test_a_full_disk_during_a_checkpoint_is_named(tmp_path, monkeypatch, error):
+    """The save fails as a full disk makes it fail: an OSError with errno ENOSPC (safetensors), or torch.save's C++
+    `basic_ios::clear: iostream error`, which has no errno (then the free space decides). The user is told the disk
+    is full and where; the half-written folder is removed and the previous checkpoint stays the latest."""
+    import errno
+
+    import common.runtime as runtime
+
+    weights = {"w": {"a": torch.zeros(4)}}
+    runtime.save_checkpoint(tmp_path, 4, weights, {})
+
+    def full(*args, **kwargs):
+        if error == "ENOSPC":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . basic_ios::clear: iostream error")
+
+    monkeypatch.setattr(runtime, "save_file", full)
+    monkeypatch.setattr(runtime.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    checkpoints = tmp_path / "checkpoints"
+    with pytest.raises(OSError, match=re.escape(
+            f"no space left on device: checkpoint {checkpoints / 'step_0000005'} was not saved (the latest one, "
+            f"{checkpoints / 'step_0000004'}, is intact). Free space on the disk of {checkpoints}")) as e:
+        runtime.save_checkpoint(tmp_path, 5, weights, {})
+    assert e.value.errno == errno.ENOSPC
+    assert (checkpoints / "latest").read_text() == "step_0000004" and not list(checkpoints.glob(".tmp-*"))
+    assert runtime.load_checkpoint(tmp_path)[0] == 4
+
+
+def test_truncated_safetensors_scorer_weights_are_named(world, tmp_path):
+    """A reward-model folder (dpok.py --scorer reward-model --scorer-path) and an aesthetic head whose .safetensors
+    was cut short: the error names the file, where safetensors alone said `incomplete metadata`."""
+    from safetensors.torch import save_file
+
+    from common.scorers import RewardMLP, load_scorer, save_reward_model
+
+    folder = tmp_path / "reward_model"
+    save_reward_model(folder, RewardMLP(32, 16, 1), dict(clip=str(world.clip), embed_dim=32, hidden_dim=16,
+                                                         num_hidden_layers=1))
+    file = folder / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:40])
+    head = tmp_path / "aesthetic.safetensors"
+    save_file({"layers.0.weight": torch.zeros(1, 32)}, str(head))
+    head.write_bytes(head.read_bytes()[:5])
+    for name, path, named in (("reward-model", folder, file), ("aesthetic", head, head)):
+        with pytest.raises(ValueError, match=re.escape(f"{named}: not a readable safetensors file, truncated or "
+                                                       "damaged")):
+            load_scorer(name, str(path), clip_path=str(world.clip), flags=("--scorer-path", "--clip-path"))
+
+
+def test_a_reward_model_with_nan_weights_is_named_as_such(world, tmp_path, monkeypatch):
+    """dpok.py on a reward model whose weights are NaN: the error says so and names --scorer-path, where the run
+    used to stop on `the base model's validation rewards are all equal`. A scorer whose weights are finite but whose
+    scores are not (an fp16 overflow) is named by dpok.py's reward scale and sft.py's weighting."""
+    import dpok
+    import sft
+
+    from common.scorers import RewardMLP, save_reward_model
+
+    head = RewardMLP(32, 16, 1)
+    torch.nn.init.constant_(head.layers[0].weight, float("nan"))
+    save_reward_model(tmp_path / "rm", head, dict(clip=str(world.clip), embed_dim=32, hidden_dim=16,
+                                                  num_hidden_layers=1))
+    with pytest.raises(ValueError, match=re.escape(f"scorer 'reward-model': its weights (--scorer-path "
+                                                   f"{tmp_path / 'rm'}) hold NaN or inf values in 1 tensors")) as e:
+        dpok.main(dpok.parse_args(["--toy", "--scorer", "reward-model", "--scorer-path", str(tmp_path / "rm"),
+                                   "--output-dir", str(tmp_path / "run")]))
+    assert "all equal" not in str(e.value)
+
+    monkeypatch.setattr(dpok, "load_scorer", lambda *a, **k: lambda images, prompts: torch.full((len(prompts),),
+                                                                                                float("nan")))
+    with pytest.raises(ValueError, match=r"--scorer toy: 24 of the base model's 24 validation rewards are NaN or inf"):
+        dpok.main(dpok.parse_args(["--toy", "--num-validation-prompts", "24", "--output-dir", str(tmp_path / "run2")]))
+    with pytest.raises(ValueError, match=r"1 of the generated set's 3 rewards are NaN or inf"):
+        sft.reward_weights(torch.tensor([0.5, float("nan"), 1.0]), "minmax", 0.5)
+
+
+@pytest.mark.parametrize("script", ["diffusion_dpo", "dpok", "sft", "reward_model"])
+def test_a_negative_learning_rate_is_refused_before_the_data_loads(world, tmp_path, script):
+    missing = {"dpok": ["--prompts", "/no/such/prompts.txt"], "reward_model": ["--dataset-source",
+                                                                                "imagereward=/no/such/data"]}
+    with pytest.raises(ValueError, match=re.escape("--learning-rate must be > 0, got -0.0001")):
+        start(script, tmp_path, "--learning-rate=-1e-4", *missing.get(script, ["--dataset-source", "/no/such/data"]))
+
+
+@pytest.mark.parametrize("script", ["diffusion_dpo", "sft"])
+def test_the_last_step_is_checkpointed_so_resume_can_extend_the_run(world, tmp_path, capsys, script):
+    """--steps 3 --checkpoint-every 2 leaves a step-3 checkpoint (it used to stop at step 2), and --resume --steps 4
+    continues from it to the same metrics and weights as 4 steps in one go."""
+    flags = ["--checkpoint-every", "2", "--log-every", "1", "--per-device-batch", "4", "--num-validation-prompts",
+             "0", "--reward-seeds", "0", *(["--max-pairs", "16", "--eval-pairs", "4"] if script == "diffusion_dpo"
+                                           else ["--data", "preferred", "--grad-accum", "1"])]
+    start(script, tmp_path / "whole", *flags, "--steps", "4")
+    start(script, tmp_path / "cut", *flags, "--steps", "3")
+    assert [p.name for p in list_checkpoints(tmp_path / "cut")] == ["step_0000002", "step_0000003"]
+    capsys.readouterr()
+    start(script, tmp_path / "cut", *flags, "--steps", "4", "--resume")
+    assert f"resumed from step 3 of {tmp_path / 'cut'}" in capsys.readouterr().out
+    drop = "charts/pairs_per_second" if script == "diffusion_dpo" else "charts/images_per_second"
+    train = lambda out: [r for r in jsonl(out / "metrics.jsonl", drop) if "losses/loss" in r]  # noqa: E731
+    assert_same_rows(train(tmp_path / "cut"), train(tmp_path / "whole"), "3 steps, then resumed to 4")
+    unet = Path("final/unet/diffusion_pytorch_model.safetensors")
+    assert_same_weights(tmp_path / "whole" / unet, tmp_path / "cut" / unet)
+
+
+def test_a_hugging_face_cache_snapshot_is_one_data_set(world, tmp_path):
+    """snapshot_download's folder holds symlinks into the repo's blobs/: those stay inside the data set."""
+    repo = tmp_path / "datasets--THUDM--ImageRewardDB"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    (snapshot / "images" / "train").mkdir(parents=True)
+    for name, link in (("meta", snapshot / "metadata-train.parquet"),
+                       ("zip", snapshot / "images" / "train" / "train_1.zip")):
+        shutil.copy(world.imagereward / link.relative_to(snapshot), repo / "blobs" / name)
+        link.symlink_to(os.path.relpath(repo / "blobs" / name, link.parent))
+    pairs = load("imagereward", snapshot)
+    assert len(pairs) == len(load("imagereward", world.imagereward)) and image_bytes(pairs[0].image_w)
