@@ -698,6 +698,7 @@ def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist
 
     path = Path(path)
     shard = path.with_name(f"{path.stem}.rank{dist.rank}of{dist.world_size}.safetensors")
+
     def stored_key() -> str | None:
         with safe_open(str(path), "pt") as f:
             return (f.metadata() or {}).get("key")
