@@ -67,15 +67,16 @@ from transformers import Adafactor
 
 from common import kernels
 from common.data import (EpochPairs, PairDataset, build_latent_cache, cached_batch, collate_pairs, collate_skip_none,
-                         has_heldout_split, load_pairs, load_prompts, micro_batches, relabel_pairs, score_pairs)
+                         data_files, has_heldout_split, load_pairs, load_prompts, micro_batches, pair_selection,
+                         relabel_pairs, score_pairs)
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
                             below_base_warning, check_finite, check_model_path, check_resolution, check_resume_args,
-                            cleanup_distributed,
+                            cleanup_distributed, fingerprint,
                             load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.models import (all_timesteps, ddim_sampler, encode_text_sd15, is_turbo, load_text_encoders, load_vae,
                            make_pipeline, model_family, save_final, turbo_timesteps, zero_terminal_snr)
-from common.scorers import ScorerName, load_scorer
+from common.scorers import ScorerName, load_scorer, scorer_fingerprint
 from common.toy import toy_model_in, toy_reward, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
@@ -137,7 +138,8 @@ class Args:
     cache_latents: bool = False
     """encode every image (both flips) with the VAE once into a file under --cache-dir; cache text embeddings"""
     cache_dir: str | None = None
-    """latent cache folder (None: <output-dir>/latent_cache); a shared filesystem for multi-node runs"""
+    """latent (and --relabel-with score) cache folder, keyed by the VAE's and the data's bytes (None:
+    <output-dir>/latent_cache, cleared by --overwrite); a shared filesystem for multi-node runs"""
     num_workers: int = 8
     """DataLoader processes per GPU decoding images"""
 
@@ -392,6 +394,9 @@ def main(args: Args) -> dict:
     elif dist.is_main:
         print(f"--dataset-source {source} is a single parquet file, so it has no held-out split: the held-out "
               f"evaluation is skipped (point to a folder with {args.split} and {args.eval_split} splits to run it)")
+    # The caches' key of the training data: its bytes (read once, shared out among the ranks), only when a cache needs it
+    data_key = fingerprint(*data_files(args.dataset, source, args.split), dist=dist) \
+        if args.cache_latents or args.relabel_with else None
     relabel = None
     if args.relabel_with:  # AI feedback: the scorer's preferred image becomes the winner (scores cached, rank-sharded)
         try:
@@ -399,11 +404,11 @@ def main(args: Args) -> dict:
                                  flags=("--scorer-path", "--clip-path"))
         except ValueError as e:
             raise ValueError(f"--relabel-with {args.relabel_with}: {e}") from e
-        key = json.dumps([args.relabel_with, args.scorer_path, args.clip_path, args.dataset, source, args.split,
-                          args.max_pairs, args.resolution])
+        key = json.dumps([scorer_fingerprint(args.relabel_with, args.scorer_path, args.clip_path, dist), data_key,
+                          args.dataset, args.split, pair_selection(pairs), args.resolution])  # what the scores depend on
         path = Path(args.cache_dir or out / "latent_cache") / f"scores-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
         pairs, relabel = relabel_pairs(pairs, score_pairs(pairs, scorer, args.resolution, path.with_suffix(
-            ".safetensors"), dist, device=dist.device))
+            ".safetensors"), dist, device=dist.device, key=key))
         del scorer
         if dist.is_main:
             print(f"relabelled by {args.relabel_with}: {relabel['flipped']} of {relabel['kept']} pairs flipped "
@@ -497,9 +502,10 @@ def main(args: Args) -> dict:
 
     cache, text_cache = None, None
     if args.cache_latents:
-        cache = build_latent_cache(pairs, vae, args.resolution, args.random_flip,
-                                   [args.model, args.vae, args.dataset, source, args.split, args.max_pairs,
-                                    args.relabel_with, args.scorer_path, args.clip_path],
+        vae_files = args.vae or (Path(args.model) / "vae" if Path(args.model).exists() else args.model)
+        cache = build_latent_cache(pairs, vae, args.resolution, args.random_flip,  # key: the VAE's and the pairs' bytes
+                                   [fingerprint(vae_files, dist=dist), data_key, args.dataset, args.split,
+                                    pair_selection(pairs)],
                                    Path(args.cache_dir or out / "latent_cache"), dist, args.per_device_batch,
                                    args.num_workers)
         text_cache = {}

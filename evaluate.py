@@ -45,6 +45,7 @@ Usage:
     python evaluate.py --toy            # the toy base against a toy diffusion_dpo.py run (trained first if missing)
 """
 
+import hashlib
 import itertools
 import json
 import math
@@ -68,7 +69,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from common.data import decode_image, load_prompts
-from common.runtime import barrier, cleanup_distributed, require, save_image_grid, setup_distributed, write_args
+from common.runtime import (barrier, cleanup_distributed, fingerprint, require, save_image_grid, setup_distributed,
+                            write_args)
 from common.scorers import ScorerName, load_scorer
 # The paired statistics live in common/stats.py, shared with rating_kit.py; the names are imported here too, so
 # `from evaluate import wilcoxon_test` (benchmarks/study.py, the tests) keeps working.
@@ -594,18 +596,37 @@ def main(args: Args) -> dict:
 
     # ---- 1. sample: the same seeds for every model; images on disk are kept (resume); ranks split the rest
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
-    todo = {}  # model -> this rank's missing (i, j), listed by every rank before any rank writes an image
+    # generation.json keys a model's images by what determines them: the bytes of its weights, the sampler, and the
+    # prompt of each row i (its sha256), so a re-run with other --prompts redraws the rows whose prompt changed.
+    todo, stamps = {}, {}  # model -> this rank's missing (i, j), listed by every rank before any rank writes an image
+    ids = [hashlib.sha256(p.encode()).hexdigest()[:16] for p in prompts]
     for model in models:
         stamp = out / "images" / model.name / "generation.json"
-        record = dict(model=vars(model), seed=args.seed, steps=args.sample_steps, eta=args.eta,
-                      guidance=args.guidance_scale, resolution=args.resolution, mixed_precision=args.mixed_precision)
-        require(not stamp.exists() or json.loads(stamp.read_text()) == record,
-                f"{stamp.parent}: drawn with other settings than now; use a new --output-dir")
-        missing = [(i, j) for i in range(n) for j in range(k) if not image_path(out, model.name, i, j).exists()]
+        record = dict(model=vars(model), weights=fingerprint(model.pipeline, model.unet, model.lora, dist=dist),
+                      seed=args.seed, steps=args.sample_steps, eta=args.eta, guidance=args.guidance_scale,
+                      resolution=args.resolution, mixed_precision=args.mixed_precision)
+        old = json.loads(stamp.read_text()) if stamp.exists() else {**record, "prompts": []}
+        drawn = old.pop("prompts", None)
+        changed = sorted(f for f in record.keys() | old.keys() if record.get(f) != old.get(f))
+        require(not changed and drawn is not None, f"{stamp.parent}: drawn with other settings than now "
+                f"({', '.join(changed) or 'prompts'} differ, or were not recorded: generation.json); its images are "
+                f"kept: use a new --output-dir")
+        stale = [i for i in range(min(n, len(drawn))) if drawn[i] != ids[i]]  # rows drawn for another prompt
+        redraw = set(stale)
+        missing = [(i, j) for i in range(n) for j in range(k)
+                   if i in redraw or not image_path(out, model.name, i, j).exists()]
         todo[model] = missing[dist.rank :: dist.world_size]
+        stamps[model] = (stamp, {**record, "prompts": ids + drawn[n:]}, stale, missing)
+    barrier()  # every rank has listed its work before rank 0 removes a stale image
+    for model, (stamp, record, stale, missing) in stamps.items():
         if dist.is_main and missing:
+            for i, j in itertools.product(stale, range(k)):  # before the stamp names the new prompt of row i
+                image_path(out, model.name, i, j).unlink(missing_ok=True)
             stamp.parent.mkdir(parents=True, exist_ok=True)
             stamp.write_text(json.dumps(record) + "\n")
+        if dist.is_main and stale:
+            print(f"{model.name}: the prompt of {len(stale)} of the rows drawn before changed (--prompts; "
+                  f"{stamp}): their {len(stale) * k} images are drawn again")
     barrier()
     from diffusers import DDIMScheduler
 

@@ -74,14 +74,16 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 import tyro
-from tqdm import tqdm
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from common import kernels
-from common.data import PickapicPairs, decode_image, has_heldout_split, image_bytes, load_binary, load_pairs
+from common.data import (PickapicPairs, data_files, decode_image, has_heldout_split, image_bytes, load_binary,
+                         load_pairs)
 from common.runtime import (MetricsLogger, absolute, all_reduce_mean, barrier, check_finite, check_resume_args,
-                            cleanup_distributed, load_checkpoint, prepare_output_dir, require, save_checkpoint,
-                            seed_everything, set_rng_state, setup_distributed, write_args)
+                            cleanup_distributed, fingerprint, load_checkpoint, prepare_output_dir, require,
+                            save_checkpoint, seed_everything, set_rng_state, setup_distributed, write_args)
 from common.scorers import CLIP_L14, ClipBackbone, RewardMLP, clip_pixels, save_reward_model
 
 log = logging.getLogger("reward_model")
@@ -140,7 +142,7 @@ class Args:
     num_workers: int = 4
     """DataLoader workers decoding images for the embedding cache"""
     cache_dir: str = "runs/embedding_cache"
-    """where CLIP embeddings are cached, keyed by backbone and data; shared by runs"""
+    """where CLIP embeddings are cached, keyed by the backbone's and the data's bytes; shared by runs"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     """autocast for the CLIP forward that fills the cache (fp16 needs a GPU); the head trains in float32"""
     compile: bool = False
@@ -258,20 +260,11 @@ def perturb_prompt(prompt: str, subs: dict[str, Counter], n: int, seed: int) -> 
     return (out + [out[-1] if out else prompt + " ."] * n)[:n]
 
 
-def fingerprint(source: str) -> str:
-    """What the cache key knows of a data source or model: a local path's files (name, size, mtime), else the id."""
-    path = Path(source)
-    if not path.exists():
-        return source
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
-    stats = [(str(f.relative_to(path) if path.is_dir() else f.name), f.stat().st_size, f.stat().st_mtime_ns)
-             for f in files]
-    return hashlib.sha256(json.dumps([str(path.resolve()), stats]).encode()).hexdigest()
-
-
 @functools.cache
-def clip_backbone(path: str, device: str) -> ClipBackbone:
-    return ClipBackbone(path).to(device)  # loaded only when the cache misses
+def clip_backbone(path: str, device: str, key: str) -> ClipBackbone:
+    """Loaded only when the cache misses; kept per process under the weights' `key` (fingerprint), not the path, so
+    weights replaced in the same folder are loaded again."""
+    return ClipBackbone(path).to(device)
 
 
 class ImageItems(torch.utils.data.Dataset):
@@ -325,13 +318,20 @@ def embed_shard(rows, fields, backbone: ClipBackbone, ks: range, args: Args, dis
     return {"table": table, "index": index}
 
 
+def stored_key(path: Path) -> str | None:
+    """The key an embedding cache file was written under (None for a file written before keys were stored)."""
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("key")
+
+
 def cached(kind: str, key: dict, n: int, embed, args: Args, dist) -> dict[str, torch.Tensor]:
     """The cache file for `key`, or: every rank embeds its contiguous shard of the n items (`embed(range) -> {table,
-    index}`), rank 0 merges the parts into one file, and all read it. Keys hash the backbone and the data, so any
-    change re-embeds."""
+    index}`), rank 0 merges the parts into one file, and all read it. Keys hash the backbone's and the data's bytes
+    (common.runtime.fingerprint: a file changed in place, even with its size and mtime kept, re-embeds); the key is
+    stored in the file and compared on reuse."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = Path(args.cache_dir) / f"{kind}-{digest}.safetensors"
-    if path.exists():
+    if path.exists() and stored_key(path) == json.dumps(key, sort_keys=True):
         print(f"embedding cache hit: {path} ({kind}, {n} items)") if dist.is_main else None
     else:
         print(f"embedding {n} {kind} items with {args.clip_path} -> {path}") if dist.is_main else None
@@ -345,7 +345,8 @@ def cached(kind: str, key: dict, n: int, embed, args: Args, dist) -> dict[str, t
             offsets = np.cumsum([0] + [len(p["table"]) for p in parts])  # shift each part's rows past the earlier ones
             index = torch.cat([torch.where(p["index"] >= 0, p["index"] + int(o), -1) for p, o in zip(parts, offsets)])
             tmp = path.with_suffix(".tmp")
-            save_file({"table": torch.cat([p["table"] for p in parts]), "index": index}, str(tmp))
+            save_file({"table": torch.cat([p["table"] for p in parts]), "index": index}, str(tmp),
+                      metadata={"key": json.dumps(key, sort_keys=True)})
             os.replace(tmp, path)  # atomic: a crash never leaves a half-written cache that a later run trusts
             for r in range(dist.world_size):
                 path.with_suffix(f".part{r}").unlink()
@@ -356,7 +357,7 @@ def cached(kind: str, key: dict, n: int, embed, args: Args, dist) -> dict[str, t
 def text_table(texts: list[str], args: Args, dist, device) -> torch.Tensor:
     """CLIP text embeddings (len(texts), D) of distinct strings, through the cache."""
     def embed(ks: range) -> dict[str, torch.Tensor]:
-        backbone = clip_backbone(args.clip_path, str(device))
+        backbone = clip_backbone(args.clip_path, str(device), fingerprint(args.clip_path))
         chunk = [texts[k] for k in ks]
         with torch.no_grad():
             rows = [backbone.embed_texts(chunk[i : i + 256]).cpu() for i in range(0, len(chunk), 256)]
@@ -364,7 +365,7 @@ def text_table(texts: list[str], args: Args, dist, device) -> torch.Tensor:
         return {"table": table, "index": torch.arange(len(chunk))[:, None]}
 
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    key = dict(kind="texts", clip=fingerprint(args.clip_path), texts=digest)
+    key = dict(kind="texts", clip=fingerprint(args.clip_path, dist=dist), texts=digest)
     c = cached("texts", key, len(texts), embed, args, dist)
     return c["table"][c["index"][:, 0]]
 
@@ -372,10 +373,11 @@ def text_table(texts: list[str], args: Args, dist, device) -> torch.Tensor:
 def image_embeddings(name: str, rows, fields: tuple[str, ...], source: str, split: str, extra: dict, args: Args,
                      dist, device) -> dict[str, torch.Tensor]:
     def embed(ks: range):
-        backbone = clip_backbone(args.clip_path, str(device))
+        backbone = clip_backbone(args.clip_path, str(device), fingerprint(args.clip_path))
         return embed_shard(rows, fields, backbone, ks, args, dist)
 
-    key = dict(kind="images", clip=fingerprint(args.clip_path), data=name, source=fingerprint(source), split=split,
+    key = dict(kind="images", clip=fingerprint(args.clip_path, dist=dist), data=name, split=split,
+               source=fingerprint(*data_files(name, source, split), dist=dist),  # the split's bytes
                n=len(rows), fields=fields, **extra)
     return cached(f"{name}-{split}", key, len(rows), embed, args, dist)
 

@@ -74,12 +74,12 @@ from common.data import (Pair, decode_image, flip_decision, flip_seed, load_capt
                          micro_batches, preprocess)
 from common.runtime import (MetricsLogger, reference_unet, all_reduce_mean, barrier, batch_arithmetic,
                             below_base_warning, check_finite, check_model_path, check_resolution, check_resume_args,
-                            cleanup_distributed,
+                            cleanup_distributed, fingerprint,
                             load_checkpoint, prepare_output_dir, require, save_checkpoint, save_image_grid,
                             seed_everything, set_rng_state, setup_distributed, write_args)
 from common.models import (all_timesteps, ddim_sampler, is_turbo, load_text_encoders, load_vae, make_pipeline,
                            model_family, save_final, turbo_timesteps, zero_terminal_snr)
-from common.scorers import load_scorer
+from common.scorers import load_scorer, scorer_fingerprint
 from common.toy import png_bytes, toy_model_in, toy_sdxl_pipeline, toy_world
 
 HUB_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2", "imagereward": "THUDM/ImageRewardDB"}
@@ -130,7 +130,8 @@ class Args:
     num_images: int = 20000
     """--data generated: images in the generated set (DPOK: 20K)"""
     generated_dir: str = "runs/sft-generated"
-    """--data generated: cache root; a set lives in a subfolder named by a hash of what determines it, and is reused"""
+    """--data generated: cache root; a set lives in a subfolder named by a hash of what determines it (the model's and
+    the scorer's bytes, the prompts, the sampler), and is reused"""
     resolution: int | None = None
     """images are resized (shorter side, bilinear) and centre-cropped to this; samples are drawn at it (None: 512,
     SDXL base 1024)"""
@@ -327,11 +328,15 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
     the VAE, as Lee et al. fine-tune on images: a sampled latent can lie far from the encoder's latent of its own
     decoded image (43 % relative distance on the toy model), and the UNet was trained on the encoder's latents.
     """
-    key = dict(model=args.model, prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest(), seed=args.seed,
+    # The key holds the bytes of the model and of the scorer, not their names: a reward model retrained into the same
+    # --scorer-path must not reuse the old rewards (common.runtime.fingerprint, hashed once per run).
+    key = dict(model=fingerprint(args.model, dist=dist), vae=fingerprint(args.vae, dist=dist) if args.vae else None,
+               prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest(), seed=args.seed,
                num_images=args.num_images, sample_steps=args.sample_steps, guidance=args.generated_guidance_scale,
-               resolution=args.resolution, scorer=args.scorer, scorer_path=args.scorer_path, clip_path=args.clip_path)
+               resolution=args.resolution, mixed_precision=args.mixed_precision,
+               scorer=scorer_fingerprint(args.scorer, args.scorer_path, args.clip_path, dist))
     folder = Path(args.generated_dir) / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    if (folder / "meta.json").exists():
+    if (folder / "meta.json").exists() and json.loads((folder / "meta.json").read_text()) == key:  # verified
         logging.info("reusing the generated set in %s", folder)
         return folder
     token = [f"{os.getpid()}-{time.time_ns()}"]  # rank 0's, so every rank writes into the same private folder
@@ -362,7 +367,8 @@ def generated_set(args: Args, pipe, scorer, prompts: list[str], dist, autocast) 
         try:
             os.rename(folder, final)  # atomic; refused if `final` exists and is not empty
         except OSError:
-            if not (final / "meta.json").exists():  # an incomplete set left by an older version that crashed
+            if not (final / "meta.json").exists() or json.loads((final / "meta.json").read_text()) != key:
+                # an incomplete set left by an older version that crashed, or a stale key (a 16-hex-digit collision)
                 shutil.rmtree(final)
                 os.rename(folder, final)
             else:  # a concurrent run with the same settings published the same set first: use theirs

@@ -425,6 +425,31 @@ def load_pairs(
     raise ValueError(f"unknown preference dataset {dataset!r}; expected 'pickapic' or 'imagereward'")
 
 
+def data_files(dataset: str, source: str, split: str) -> list[str]:
+    """What a split is read from, for a cache key (common.runtime.fingerprint hashes it): the split's parquet files;
+    for ImageRewardDB its metadata file and the images/ folder beside it; a hub id as itself."""
+    if _is_hub_id(source):
+        return [source]
+    if dataset == "imagereward":
+        path = Path(source)
+        meta = path if path.is_file() else path / f"metadata-{split}.parquet"
+        return [str(meta)] + ([str(meta.parent / "images")] if (meta.parent / "images").is_dir() else [])
+    return [str(f) for f in _parquet_files(source, split)]
+
+
+def pair_selection(pairs: Sequence[Pair]) -> str:
+    """A digest of which rows became which pairs, winner first (for a cache key next to the data's bytes): the kept
+    rows and swaps of Pick-a-Pic, the index and swaps of relabelled pairs, else the number of pairs."""
+    h = hashlib.sha256(str(len(pairs)).encode())
+    if isinstance(pairs, PickapicPairs):
+        for a in (pairs.rows, pairs.swap, pairs.tie):
+            h.update(np.ascontiguousarray(a).tobytes())
+    if isinstance(pairs, RelabelledPairs):
+        h.update(np.ascontiguousarray(pairs.index).tobytes() + np.ascontiguousarray(pairs.swap).tobytes())
+        h.update(pair_selection(pairs.pairs).encode())
+    return h.hexdigest()
+
+
 # ---------------------------------------------------------------- images and the training Dataset
 
 
@@ -661,7 +686,8 @@ def build_latent_cache(pairs: Sequence[Pair], vae, resolution: int, random_flip:
     every visit; both flips because the flip is redrawn every epoch. Pick-a-Pic v2 at 512 px in fp16:
     851k × 2 × 2 × 8 × 64 × 64 × 2 B ≈ 220 GB (at 1024 px, SDXL: 4x that), so point the cache at a big local disk.
     Each rank encodes every world_size-th pair into the shared file; a later run with the same `key` (a JSON-able
-    list of what determines the latents) reuses it. `dist` is common.runtime.Dist."""
+    list of what determines the latents: the VAE's and the pairs' bytes, see diffusion_dpo.py) reuses it, after
+    comparing the key stored beside it. `dist` is common.runtime.Dist."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
@@ -672,8 +698,10 @@ def build_latent_cache(pairs: Sequence[Pair], vae, resolution: int, random_flip:
     shape = (len(pairs), 2, flips, 2 * vae.config.latent_channels, side, side)
     key = json.dumps([*key, resolution, flips, str(vae.dtype)])
     path = Path(root) / f"latents-{hashlib.sha1(key.encode()).hexdigest()[:12]}.bin"
-    if not path.with_suffix(".json").exists():
+    stored = path.with_suffix(".json")  # written last: the cache is complete, and this is its key
+    if not (stored.exists() and stored.read_text() == key):
         if dist.is_main:
+            stored.unlink(missing_ok=True)  # a stale key (a 12-hex-digit name collision): rebuilt, marked last
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "wb") as f:
                 f.truncate(int(np.prod(shape)) * vae.dtype.itemsize)
@@ -733,11 +761,14 @@ class RelabelledPairs(Sequence):
 
 
 def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist, batch_size: int = 32,
-                device: str | torch.device = "cpu") -> torch.Tensor:
+                device: str | torch.device = "cpu", key: str = "") -> torch.Tensor:
     """The scorer's s(x, c) of both images of every pair, (N, 2) float32 [human winner, human loser], computed once
     into `path` (safetensors) and read back by later runs. Under torchrun each rank scores every world_size-th pair
     into its own shard file; every rank then reads all shards. NaN for a pair whose images do not decode. Images are
-    the training crop (shorter side resized to `resolution`, centre crop, no flip) in [0, 1]."""
+    the training crop (shorter side resized to `resolution`, centre crop, no flip) in [0, 1]. `key` (what the scores
+    depend on: the scorer's weights, the data's bytes) is stored in the file and compared on reuse: a file of
+    another key is scored afresh."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -746,7 +777,13 @@ def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist
 
     path = Path(path)
     shard = path.with_name(f"{path.stem}.rank{dist.rank}of{dist.world_size}.safetensors")
-    if not path.exists():
+
+    def stored_key() -> str | None:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("key")
+
+    if not (path.exists() and stored_key() == key):
+        barrier()  # every rank has read the old file's key before rank 0 replaces it
         mine = list(range(dist.rank, len(pairs), dist.world_size))
         chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
         scores = torch.full((len(mine), 2), float("nan"))
@@ -765,7 +802,7 @@ def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist
             for r in range(dist.world_size):
                 full[r::dist.world_size] = load_file(str(path.with_name(
                     f"{path.stem}.rank{r}of{dist.world_size}.safetensors")))["scores"]
-            save_file({"scores": full}, str(path.with_suffix(".tmp")))
+            save_file({"scores": full}, str(path.with_suffix(".tmp")), metadata={"key": key})
             os.replace(path.with_suffix(".tmp"), path)  # complete or absent
         barrier()
     return load_file(str(path))["scores"]

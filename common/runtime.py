@@ -19,6 +19,7 @@ Nothing here knows about diffusion, preferences or rewards; read a script first,
 import dataclasses
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -266,6 +267,55 @@ def _load_one(path: Path, script: str | None) -> tuple[int, dict[str, dict[str, 
     return state["step"], weights, {**state["extra"], "rng": state["rng"]}
 
 
+# ------------------------------------------------------------------------------------------------ cache keys
+# A cache is keyed by what determines its content, never by a name: a data file corrected in place or a model
+# retrained into the same folder must not reuse what was computed from the old bytes (docs/data_and_runs.md).
+
+_FILE_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, ctime_ns, inode) -> sha256: each file hashed once
+
+
+def _file_digest(file: Path) -> str:
+    """sha256 of a file's bytes, memoised for this process by its stat. ctime is in the memo key because no user call
+    can set it back (os.utime sets mtime only): a file rewritten in place, even with its mtime restored, is hashed
+    again. The memo only saves hashing one file twice in one process; nothing of it is written to disk."""
+    st = file.stat()
+    memo = (str(file), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if memo not in _FILE_DIGESTS:
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _FILE_DIGESTS[memo] = h.hexdigest()
+    return _FILE_DIGESTS[memo]
+
+
+def fingerprint(*sources: str | Path | None, dist: Dist | None = None) -> str:
+    """A content key of files, folders and hub ids: sha256 over every file's relative name, size and sha256 (a folder
+    recursively), so equal bytes give equal keys wherever they lie and any changed byte gives another key. A hub id
+    is keyed by its name alone (its snapshot may not be downloaded yet when a key is made: pass a local folder to key
+    by bytes); None by "None". Cost: one read of the bytes per process (about 1 s per GB); with `dist` the files are
+    shared out among the ranks and the digests gathered."""
+    entries, files = [], []
+    for source in sources:
+        path = Path(source).expanduser() if source is not None else None
+        if path is None or not path.exists():
+            entries.append(["id", str(source)])
+            continue
+        found = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        for f in found:
+            entries.append(["file", f.name if f == path else str(f.relative_to(path)), f.stat().st_size])
+            files.append((len(entries) - 1, f))
+    rank, world = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    mine = {k: _file_digest(f) for k, f in files[rank::world]}
+    if world > 1:
+        parts = [None] * world
+        tdist.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    for k, _ in files:
+        entries[k].append(mine[k])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
 # Flags that may change between a run and its --resume: how long, where, how often to log or save, and how fast.
 # Everything else defines the run (data, model, seed, batch, learning rate...) and must match.
 RESUME_MAY_CHANGE = frozenset({
@@ -326,7 +376,8 @@ def _plain(obj, keep_tensors: bool, where: str = "extra"):
 
 
 # What a training script writes into its --output-dir; --overwrite removes exactly these, nothing else.
-RUN_OUTPUTS = ("args.json", "metrics.jsonl", "eval.json", "tb", "checkpoints", "samples", "final")
+RUN_OUTPUTS = ("args.json", "metrics.jsonl", "eval.json", "tb", "checkpoints", "samples", "final",
+               "latent_cache")  # diffusion_dpo.py's caches when --cache-dir is not given
 
 
 def prepare_output_dir(output_dir: str | Path, resume: bool, overwrite: bool = False, is_main: bool = True) -> Path:

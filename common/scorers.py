@@ -621,6 +621,18 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
     return scorer.to(device).eval().requires_grad_(False)
 
 
+def scorer_fingerprint(name: str, path: str | None, clip_path: str | None, dist=None) -> str:
+    """The content key of a scorer's weights for a cache of its scores (common.runtime.fingerprint): its files (path,
+    clip_path), and for a reward model the CLIP backbone its config.json names. A reward model retrained into the same
+    folder gets another key; a hub default is keyed by its name and local snapshot."""
+    from common.runtime import fingerprint
+
+    parts = [path, clip_path]
+    if name == "reward-model" and clip_path is None and path is not None and (Path(path) / "config.json").is_file():
+        parts.append(json.loads((Path(path) / "config.json").read_text()).get("clip"))
+    return f"{name}:{fingerprint(*parts, dist=dist)}"
+
+
 def _build_scorer(name: str, path: str | None, clip_path: str | None, dtype: torch.dtype, batch_size: int):
     if name == "toy":
         scorer: nn.Module = ToyScorer()

@@ -278,3 +278,39 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, monkeypatch):
         run(tmp_path, "--checkpoint-every", "1")
     step, weights, _ = load_checkpoint(tmp_path)
     assert step == 2 and all(torch.isfinite(v).all() for v in weights["unet"].values())
+
+
+def test_latent_cache_is_keyed_by_the_pairs_content_not_the_path(tmp_path):
+    """The data corrected in place (every label swapped, same path): the latent cache must not hand out the old
+    winners. A shared --cache-dir gets a second cache under the new key; the default one in --output-dir is cleared
+    by --overwrite. Before, both runs shared one cache keyed by the path, and pair 0's cached winner was the new
+    loser."""
+    data = tmp_path / "data"
+    for split in ("train", "validation"):
+        (data / split).mkdir(parents=True)
+        (data / split / "part-0.parquet").write_bytes(
+            (dd.toy_world().pickapic / split / "part-0.parquet").read_bytes())
+    flags = ["--steps", "1", "--max-pairs", "16", "--eval-pairs", "4", "--cache-latents", "--dataset-source", str(data)]
+
+    def latents(root: Path) -> dict[str, np.ndarray]:  # cache file -> (pairs, 2 [winner, loser], the rest)
+        return {p.name: np.fromfile(p, dtype=np.float32).reshape(16, 2, -1) for p in root.glob("latents-*.bin")
+                if p.with_suffix(".json").exists()}
+
+    run(tmp_path / "shared", *flags, "--cache-dir", str(tmp_path / "cache"))
+    run(tmp_path / "own", *flags)
+    ((first, before),) = latents(tmp_path / "cache").items()
+    table = pq.read_table(data / "train" / "part-0.parquet")
+    label_0, label_1 = table.column("label_0"), table.column("label_1")
+    table = table.set_column(table.schema.get_field_index("label_0"), "label_0", label_1)
+    table = table.set_column(table.schema.get_field_index("label_1"), "label_1", label_0)
+    pq.write_table(table, data / "train" / "part-0.parquet")  # corrected in place: the same path
+
+    run(tmp_path / "shared", *flags, "--cache-dir", str(tmp_path / "cache"), "--overwrite")
+    run(tmp_path / "own", *flags, "--overwrite")
+    shared = latents(tmp_path / "cache")
+    assert len(shared) == 2  # the first cache stays for its own key; the new key got its own
+    (after,) = [v for name, v in shared.items() if name != first]
+    np.testing.assert_array_equal(after[:, 0], before[:, 1])  # every cached winner is the old loser
+    np.testing.assert_array_equal(after[:, 1], before[:, 0])
+    (own,) = latents(tmp_path / "own" / "latent_cache").values()  # the old one was cleared by --overwrite
+    np.testing.assert_array_equal(own, after)

@@ -319,3 +319,39 @@ def test_scorer_paths_merge_with_the_toy_defaults_and_offline_errors_name_the_fl
     with pytest.raises(OSError, match=r"--scorer-paths pickscore=PATH"):
         evaluate.main(evaluate.check_args(evaluate.parse_args([*quick, "--scorers", "pickscore",
                                                                "--output-dir", str(tmp_path / "offline")])))
+
+
+def test_images_are_keyed_by_prompt_and_weights_not_by_the_output_dir(world, tmp_path):
+    """Re-run into the same --output-dir with other --prompts: the rows whose prompt changed are drawn again (and
+    only those), so every score is of an image of its own prompt, as in a fresh folder. Then a candidate retrained
+    into the same folder: its images are refused, naming the flag. Before, the old images were scored against the
+    new prompts ("drawn again: 0"), and a retrained candidate reused its predecessor's images."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    lines = world.prompts.read_text().splitlines()
+    (tmp_path / "a.txt").write_text("\n".join(lines[:3]) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join([lines[0], lines[10], lines[2]]) + "\n")  # row 1 changed
+    shutil.copytree(world.pipeline / "unet", tmp_path / "unet")  # a candidate in a folder of its own
+
+    def run(out: str, prompts: str) -> dict:
+        return evaluate.main(evaluate.check_args(evaluate.parse_args([
+            "--toy", "--candidates", f"cand={tmp_path / 'unet'}", "--scorers", "toy", "--sample-steps", "2",
+            "--images-per-prompt", "2",
+            "--rating-pairs", "0", "--fid-reference", "None", "--n-resamples", "200", "--prompts",
+            str(tmp_path / prompts), "--output-dir", str(tmp_path / out)])))
+
+    run("same", "a.txt")
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "same" / "images").rglob("*.png")}
+    again, fresh = run("same", "b.txt"), run("fresh", "b.txt")
+    for name in ("base", "cand"):
+        assert again["runs"][name]["per_image"] == fresh["runs"][name]["per_image"]
+        drawn = {p.name for p in (tmp_path / "same" / "images" / name).glob("*.png")
+                 if p.stat().st_mtime_ns != kept[p]}
+        assert drawn == {"00001_00.png", "00001_01.png"}, drawn  # row 1's two images
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v + 1e-3 for k, v in load_file(weights).items()}, weights)  # retrained: the same path and size
+    with pytest.raises(ValueError, match=r"images/cand: drawn with other settings than now \(weights differ.*"
+                                         r"--output-dir"):
+        run("same", "b.txt")

@@ -112,3 +112,25 @@ def test_relabelling_under_torchrun_is_sharded_and_equals_one_process(world, tmp
     assert torch.equal(load_file(joined)["scores"], load_file(single)["scores"])
     rows = {run: json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0]) for run in ("one", "two")}
     assert rows["one"] == rows["two"]  # the step-0 relabel counts
+
+
+def test_cached_scores_are_keyed_by_the_data_not_its_path(world, tmp_path):
+    """The data corrected in place (every human label swapped, same path) and relabelled again into the same
+    --cache-dir: the scores are computed afresh, so the scorer still picks the image it rates higher (agreement with
+    the humans turns into its complement). Before, the scores cached under the path were reused in the old order
+    [old winner, old loser] against the new pairs, and the scorer's 'winner' was the image it rates lower."""
+    write_flipped(world, tmp_path / "data", lambda i: False)  # a copy of the toy data, to correct in place
+    flags = ["--toy", "--steps", "1", "--per-device-batch", "4", "--max-pairs", "16", "--eval-pairs", "4",
+             "--num-validation-prompts", "0", "--reward-seeds", "0", "--relabel-with", "toy",
+             "--dataset-source", str(tmp_path / "data"), "--cache-dir", str(tmp_path / "cache")]
+    before = dd.main(dd.parse_args([*flags, "--output-dir", str(tmp_path / "a")]))
+    train = tmp_path / "data" / "train" / "part-0.parquet"
+    table = pq.read_table(train)
+    label_0, label_1 = table.column("label_0"), table.column("label_1")
+    table = table.set_column(table.schema.get_field_index("label_0"), "label_0", label_1)
+    pq.write_table(table.set_column(table.schema.get_field_index("label_1"), "label_1", label_0), train)
+    after = dd.main(dd.parse_args([*flags, "--output-dir", str(tmp_path / "a"), "--overwrite"]))
+    assert before["relabel/kept"] == after["relabel/kept"] == 16 and before["relabel/ties"] == 0
+    assert after["relabel/agreement"] == pytest.approx(1 - before["relabel/agreement"])
+    assert after["relabel/flipped"] == 16 - before["relabel/flipped"]
+    assert len([p for p in (tmp_path / "cache").glob("scores-*.safetensors") if ".rank" not in p.name]) == 2

@@ -223,3 +223,31 @@ def test_fitted_on_training_prompts_it_ranks_the_models_own_held_out_samples_lik
         with torch.no_grad():
             rho.append(scipy.stats.spearmanr(toy_reward(images, [prompt] * 16), scorer(images, [prompt] * 16)).statistic)
     assert np.mean(rho) >= 0.7 and min(rho) > 0.2, rho
+
+
+def test_embedding_cache_is_keyed_by_the_backbones_bytes_not_its_name(world, tmp_path, monkeypatch):
+    """CLIP weights replaced in place with the same size and modification time (as `cp -p` or `rsync -a` of another
+    copy leave them): every image and text is embedded again, into new cache files. Before, the key held each file's
+    name, size and mtime, and the old embeddings were reused."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(world.clip, tmp_path / "clip")
+    weights = tmp_path / "clip" / "model.safetensors"
+    cache = tmp_path / "cache"
+    calls = _count_clip_calls(monkeypatch)
+    args = rm.toy_args(dataset=("pickapic",), max_pairs=16, steps=2, per_device_batch=8, eval_every=1000,
+                       clip_path=str(tmp_path / "clip"), cache_dir=str(cache), output_dir=str(tmp_path / "run"))
+    rm.main(args)
+    first, files = dict(calls), sorted(p.name for p in cache.glob("*.safetensors"))
+    with safe_open(str(weights), "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    before = weights.stat()
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}, str(weights), metadata)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    rm.main(dataclasses.replace(args, overwrite=True))
+    assert first["images"] > 0 and calls == {k: 2 * v for k, v in first.items()}  # everything embedded again
+    assert len(list(cache.glob("*.safetensors"))) == 2 * len(files)

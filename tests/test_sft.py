@@ -227,3 +227,28 @@ def test_preferred_lr_is_labelled_as_ours_not_official(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "1e-9 preferred, ours" in text and "1e-9 preferred, official" not in text
     assert sft.RECIPES["preferred"]["learning_rate"] == 1e-9
+
+
+def test_generated_set_is_keyed_by_the_scorers_weights_not_its_path(world, tmp_path):
+    """A reward model retrained into the same --scorer-path: the generated set's rewards are computed afresh (a new
+    set beside the old one, the same images, other rewards). Before, the set was keyed by the path's string and the
+    old rewards were reused."""
+    from common.scorers import RewardMLP, save_reward_model
+    from sft import load_generated
+
+    def train_reward_model(seed: int) -> None:  # the same folder, the same file sizes, other weights
+        torch.manual_seed(seed)
+        save_reward_model(tmp_path / "rm", RewardMLP(32), dict(clip=str(world.clip), embed_dim=32, hidden_dim=512,
+                                                               num_hidden_layers=3))
+
+    args = dataclasses.replace(toy_defaults(), scorer="reward-model", scorer_path=str(tmp_path / "rm"), num_images=8,
+                               steps=1, per_device_batch=4, sample_steps=2, num_validation_prompts=0, reward_seeds=0,
+                               generated_dir=str(tmp_path / "generated"), output_dir=str(tmp_path / "run"))
+    train_reward_model(0)
+    main(args)
+    train_reward_model(1)
+    main(dataclasses.replace(args, overwrite=True))
+    sets = [load_generated(meta.parent) for meta in (tmp_path / "generated").glob("*/meta.json")]
+    assert len(sets) == 2
+    (rows_a, rewards_a), (rows_b, rewards_b) = sets
+    assert rows_a["image"] == rows_b["image"] and not torch.equal(rewards_a, rewards_b)
