@@ -473,15 +473,15 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     curves = training_curves(out, args.seeds)
     lines += ["", "## 3. Training curves, one line per seed", "", f"![training curves]({curves.name})", ""]
-    lines += image_level_noise(out, args.seeds, metrics)
+    lines += evaluation_noise(values, metrics, first_eval["images_per_prompt"])
     lines += own_checks(steps)
     lines += ["## 6. Prompt sets and data", "",
               "Prompts per set: " + ", ".join(f"{k} {v}" for k, v in data["sizes"].items()) +
               " (no prompt in two sets, exact or normalised text). ImageRewardDB rows kept per split of the study's "
               "copy (read, kept, prompts): " + "; ".join(f"{k} {v[0]} -> {v[1]} rows, {v[2]} prompts"
                                                          for k, v in data["counts"].items()) + ".", ""]
-    lines += ["The double-blind rating kit (human evaluation) is in "
-              f"`evaluate-s{args.seeds[0]}/rating_kit/` (docs/rating_kit.md).", ""]
+    lines += [f"The double-blind rating kit (human evaluation): send `evaluate-s{args.seeds[0]}/rating_kit/` to the "
+              f"raters and keep its key, `evaluate-s{args.seeds[0]}/rating_key.json` (docs/rating_kit.md).", ""]
     total = sum(v for k, v in timings.items() if k != "wall clock")
     wall = f"{timings['wall clock'] / 60:.1f} min by the clock in the last invocation, " if "wall clock" in timings else ""
     lines += [f"## 7. What ran, and how long it took: {wall}{total / 60:.1f} min of steps (--jobs steps at once)", "",
@@ -492,33 +492,19 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
     return "\n".join(lines) + "\n", tests
 
 
-def image_level_noise(out: Path, seeds: tuple[int, ...], metrics: list[str]) -> list[str]:
-    """Descriptive: the standard error of a replicate's mean from its images alone (prompts x images), next to the
-    spread of the arms' per-replicate means: how much of the between-seed spread is evaluation noise."""
-    lines = ["## 4. Descriptive: evaluation noise within a replicate (not evidence)", "",
-             "The standard error of one model's replicate mean from its own images (sd over prompt means / √prompts, "
-             "averaged over the replicates), against the between-replicate sd of the arm's means. An image-level "
-             "test would treat the images of a prompt and a seed as independent units; the seed-level test above "
-             "does not.", "", "| model | " + " | ".join(f"{m}: image se; seed sd" for m in metrics
-                                                         if m not in SET_METRICS) + " |",
-             "|---" * (1 + len([m for m in metrics if m not in SET_METRICS])) + "|"]
-    per = {}
-    for seed in seeds:
-        res = json.loads((out / f"evaluate-s{seed}" / "results.json").read_text())
-        for model in ("base",) + ARMS:
-            run = res["runs"][res["arms"][model][0]]["per_image"]
-            for m, v in run.items():
-                prompt_means = np.asarray(v).mean(axis=1)
-                per.setdefault((model, m), []).append((float(prompt_means.std(ddof=1) / np.sqrt(len(prompt_means))),
-                                                       float(np.mean(v))))
-    for model in ("base",) + ARMS:
-        cells = []
-        for m in metrics:
-            if m in SET_METRICS:
-                continue
-            se, means = zip(*per[(model, m)])
-            cells.append(f"{np.mean(se):.2g}; {np.std(means, ddof=1) if len(means) > 1 else float('nan'):.2g}")
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+def evaluation_noise(values: dict, metrics: list[str], k: int) -> list[str]:
+    """Descriptive: the base is the same model in every replicate, so the spread of its per-replicate means is the
+    evaluation noise alone (at k images per prompt); an arm's spread of d_s = m(arm, s) - m(base, s) adds what its
+    training seed changes, less the noise the common random numbers cancel."""
+    sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else float("nan")  # noqa: E731
+    lines = ["## 4. Descriptive: evaluation noise against the spread between training seeds", "",
+             f"Standard deviations over replicates: the base's per-replicate mean (evaluation noise alone, {k} images "
+             "per prompt), and each arm's difference from its replicate's base (training seed and noise).", "",
+             "| metric | base (noise) | " + " | ".join(f"{a} - base" for a in ARMS) + " |",
+             "|---" * (len(ARMS) + 2) + "|"]
+    for m in metrics:
+        lines.append(f"| {m} | {sd(values['base'][m]):.2g} | " +
+                     " | ".join(f"{sd(values[a][m] - values['base'][m]):.2g}" for a in ARMS) + " |")
     return lines + [""]
 
 
