@@ -60,6 +60,7 @@ import tyro
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from common.runtime import require  # noqa: E402
+from common.stats import holm  # noqa: E402
 from common.toy import PROMPT_FILES, TEST_PROMPTS, TRAIN_PROMPTS, VALIDATION_PROMPTS, toy_world  # noqa: E402
 
 ARMS = ("dpo", "dpok", "sft", "rwsft")
@@ -134,15 +135,6 @@ def seed_level_test(a: np.ndarray, b: np.ndarray, confidence: float = 0.95) -> d
         half = float(scipy.stats.t.ppf((1 + confidence) / 2, n - 1) * se)
     return dict(n=n, mean_a=float(np.mean(a)), mean_b=float(np.mean(b)), diff=mean, ci=(mean - half, mean + half),
                 sd=float(d.std(ddof=1)), p=p, a_wins=int((d > 0).sum()))
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p in the input order: p~_(i) = max_{j <= i} min(1, (K - j + 1) p_(j)) (Holm 1979)."""
-    order, adjusted, running = np.argsort(pvalues, kind="stable"), [0.0] * len(pvalues), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def detectable_effect(sd: float, n: int, alpha: float, power: float = 0.8) -> float:
