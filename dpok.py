@@ -61,7 +61,7 @@ from peft.utils import get_peft_model_state_dict
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from common import kernels, runtime
+from common import chain, kernels, runtime
 from common.data import load_prompts
 from common.runtime import reference_unet, require
 from common.scorers import load_scorer
@@ -240,19 +240,6 @@ def dpok_loss(log_prob, old_log_prob, adv, kl, reward_coef: float, kl_coef: floa
     return loss, policy_loss, clip_frac, approx_kl
 
 
-def ddim_transition(eps, x_t, alpha_bar_t, alpha_bar_prev, eta: float):
-    """Mean and std of the DDIM(η) transition p(x_{t-1} | x_t) = N(μ, σ_t² I) (Song et al. 2021, eqs. 12 and 16).
-
-    eps, x_t (N, C, H, W): the guided ε̂ and the current latent; alpha_bar_t, alpha_bar_prev: ᾱ_t, ᾱ_{t-1}, (N, 1, 1, 1)
-    or scalars (ᾱ_{t-1} of the last step is ᾱ_0, SD1.5's set_alpha_to_one=False). Returns (μ (N, C, H, W), σ_t).
-    """
-    eps = eps.to(x_t.dtype)  # the step in the latents' fp32 whatever the UNet's autocast dtype: log p not in bf16
-    std = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()  # σ_t
-    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()  # x̂₀
-    mean = alpha_bar_prev.sqrt() * x0 + (1 - alpha_bar_prev - std**2).clamp(min=0).sqrt() * eps  # μ
-    return mean, std
-
-
 class ValueNet(torch.nn.Module):
     """V(x_t, z, t) ≈ E[r | x_t, z], the official ValueMulti (dpok/reward_model.py): the flat latent concatenated
     with the prompt's pooled text embedding, three 256-wide ReLU layers each scaled by a learned vector per step."""
@@ -295,13 +282,6 @@ def explained_variance(r, v):
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def guided_eps(unet, x_t, t, emb, w: float):
-    """ε̂ = ε(x_t, ∅) + w · (ε(x_t, z) - ε(x_t, ∅)), both from one UNet call on [x_t; x_t] with emb (2N, L, D) =
-    [uncond; cond]. x_t (N, C, H, W), t (N,) -> (N, C, H, W)."""
-    eps_uncond, eps_cond = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=emb).sample.chunk(2)
-    return eps_uncond + w * (eps_cond - eps_uncond)
-
-
 @torch.no_grad()
 def encode(prompts: list[str], tokenizer, text_encoder, device):
     """Token embeddings (N, 77, D) for the UNet and the pooled embedding (N, D) for the value net."""
@@ -311,36 +291,9 @@ def encode(prompts: list[str], tokenizer, text_encoder, device):
     return out.last_hidden_state, out.pooler_output
 
 
-@torch.no_grad()
-def sample(unet, ref_unet, emb, sched, args: Args, noise, autocast, with_kl: bool = False):
-    """Trajectories x_T .. x_0 from the policy, each transition's log-probability recorded as it is drawn.
-
-    emb (2N, L, D) = [uncond; cond]; `noise(shape)` draws standard normals; sched = (timesteps, ᾱ_t, ᾱ_{t-1}), (T,).
-    Returns latents (T+1, N, C, H, W), log_probs (T, N), and with_kl the exact KL Σ_t KL_t to p_pre (N,).
-    """
-    timesteps, alpha_bar, alpha_bar_prev = sched
-    n = emb.shape[0] // 2
-    x = noise((n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size))  # x_T (N, 4, 64, 64)
-    latents, log_probs, kl = [x], [], torch.zeros(n, device=x.device)
-    for i, t in enumerate(timesteps):
-        with autocast:
-            eps = guided_eps(unet, x, t.expand(n), emb, args.guidance_scale)
-        mean, std = ddim_transition(eps, x, alpha_bar[i], alpha_bar_prev[i], args.eta)
-        if with_kl:
-            with autocast, reference_unet(unet, ref_unet) as ref:
-                eps_ref = guided_eps(ref, x, t.expand(n), emb, args.guidance_scale)
-            mean_ref, _ = ddim_transition(eps_ref, x, alpha_bar[i], alpha_bar_prev[i], args.eta)
-            kl += kernels.gaussian_kl(mean, mean_ref, std)
-        x = mean + std * noise(x.shape)  # x_{t-1} ~ N(μ, σ_t²)
-        log_probs.append(kernels.gaussian_log_prob(x, mean, std))
-        latents.append(x)
-    return torch.stack(latents), torch.stack(log_probs), kl
-
-
-@torch.no_grad()
-def decode(vae, latents):
-    """x_0 latents -> images (N, 3, H, W) in [0, 1]."""
-    return (vae.decode(latents / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
+def latent_shape(unet, n: int) -> tuple[int, int, int, int]:
+    """x_T's shape for n images: (n, 4, 64, 64) at SD1.5's 512 px."""
+    return n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
 
 
 @torch.no_grad()
@@ -349,8 +302,10 @@ def validate(unet, ref_unet, vae, scorer, val_prompts, val_emb, sched, args, aut
     runs and methods. Returns (images, rewards (K,), KL to p_pre (K,))."""
     gens = [torch.Generator().manual_seed(k) for k in range(len(val_prompts))]
     noise = lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)  # noqa: E731
-    latents, _, kl = sample(unet, ref_unet, val_emb, sched, args, noise, autocast, with_kl)
-    images = decode(vae, latents[-1])
+    latents, _, kl = chain.sample_trajectories(unet, {"encoder_hidden_states": val_emb}, sched,
+                                               noise(latent_shape(unet, len(val_prompts))), args.eta,
+                                               args.guidance_scale, noise, autocast, ref_unet, with_kl)
+    images = chain.decode(vae, latents[-1])
     return images, scorer(images, val_prompts).float(), kl
 
 
@@ -445,12 +400,7 @@ def main(args: Args) -> Path:
     kl_fn = kernels.compiled(kernels.eps_mse_kl if args.kl == "eps-mse" else kernels.gaussian_kl, args.compile)
     loss_fn = kernels.compiled(dpok_loss, args.compile)
 
-    scheduler.set_timesteps(T)
-    timesteps = scheduler.timesteps  # (T,) descending; SD1.5 'leading' spacing with steps_offset 1: 981, 961, .., 1
-    prev = timesteps - scheduler.config.num_train_timesteps // T
-    alpha_bar = scheduler.alphas_cumprod[timesteps]  # ᾱ_t (T,)
-    alpha_bar_prev = torch.where(prev >= 0, scheduler.alphas_cumprod[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
-    sched = (timesteps.to(device), alpha_bar.to(device), alpha_bar_prev.to(device))  # ᾱ_{t-1}: ᾱ_0 after the last
+    sched = chain.ddim_schedule(scheduler, T, device)  # (timesteps, ᾱ_t, ᾱ_{t-1}), each (T,): 981, 961, .., 1
 
     prompts = [args.prompt] if args.prompt else load_prompts(args.prompts)
     require(len(prompts) > 0 and all(prompts), f"--prompts {args.prompts} / --prompt {args.prompt!r}: no prompts")
@@ -545,9 +495,11 @@ def main(args: Args) -> Path:
         batch_prompts = [prompts[i] for i in idx.tolist()]
         noise = lambda shape: torch.randn(shape, generator=noise_gen, device=device)  # noqa: E731
         emb, pooled = embed(idx)
-        latents, log_probs, _ = sample(unet, ref_unet, emb, sched, args, noise, autocast)
+        latents, log_probs, _ = chain.sample_trajectories(unet, {"encoder_hidden_states": emb}, sched,
+                                                          noise(latent_shape(unet, args.sample_batch)), args.eta,
+                                                          args.guidance_scale, noise, autocast)
         with torch.no_grad():
-            rewards = scorer(decode(vae, latents[-1]), batch_prompts).float().to(device) / reward_unit  # (N,)
+            rewards = scorer(chain.decode(vae, latents[-1]), batch_prompts).float().to(device) / reward_unit  # (N,)
         all_rewards = gather(rewards, dist)
         if it == 0 and args.advantage == "value":  # V starts at the mean reward, not 0: the first steps get centred
             with torch.no_grad():                   # advantages instead of A = r (a reward model's r may be ~30)
@@ -587,15 +539,15 @@ def main(args: Args) -> Path:
                 sync = k == args.grad_accum - 1 or dist.world_size == 1
                 with contextlib.nullcontext() if sync else policy.no_sync():
                     with autocast:
-                        eps = guided_eps(policy, x_t, t, emb, args.guidance_scale)
-                    mean, std = ddim_transition(eps, x_t, ab_t, ab_prev, args.eta)
+                        eps = chain.guided_eps(policy, x_t, t, {"encoder_hidden_states": emb}, args.guidance_scale)
+                    mean, std = chain.ddim_transition(eps, x_t, ab_t, ab_prev, args.eta)
                     log_prob = log_prob_fn(x_prev, mean, std)  # (B,)
                     kl = torch.zeros_like(log_prob)
                     if args.kl_coef > 0:
                         with torch.no_grad(), autocast, reference_unet(unet, ref_unet) as ref:
-                            eps_ref = guided_eps(ref, x_t, t, emb, args.guidance_scale)
+                            eps_ref = chain.guided_eps(ref, x_t, t, {"encoder_hidden_states": emb}, args.guidance_scale)
                         kl = kl_fn(eps, eps_ref) if args.kl == "eps-mse" else \
-                            kl_fn(mean, ddim_transition(eps_ref, x_t, ab_t, ab_prev, args.eta)[0], std)
+                            kl_fn(mean, chain.ddim_transition(eps_ref, x_t, ab_t, ab_prev, args.eta)[0], std)
                     adv = buffer["adv"][b]
                     if args.advantage == "value":
                         with torch.no_grad():

@@ -1,10 +1,9 @@
-"""dpok.py: the DDIM transition and its log-probability against diffusers and an independent Gaussian density, both
+"""dpok.py (the DDIM chain it samples with: tests/test_chain.py): both
 KL forms against their formulas, clamp vs PPO gradients on hand-made ratios, DDPO's per-prompt advantages, the
 guard rails, and `--toy` end to end: the fixed-seed reward rises significantly and a larger β ends closer to p_pre."""
 
 import json
 import math
-import types
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from diffusers import DDIMScheduler
 from torch.distributions import Normal, kl_divergence
 
 import dpok
-from common import kernels
+from common import chain, kernels
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
@@ -29,58 +28,6 @@ def schedule(num_steps: int):
     return sch, t, sch.alphas_cumprod[t], ab_prev
 
 
-def test_ddim_transition_equals_diffusers_step():
-    """μ and σ_t from the issue's equations equal diffusers' DDIMScheduler.step(eta=1) (zero and given noise)."""
-    sch, t, ab, ab_prev = schedule(10)
-    g = torch.Generator().manual_seed(0)
-    for i in (0, 4, 9):  # first, middle, last (ᾱ_{t-1} = ᾱ_0) step
-        x_t, eps, z = (torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
-        mean, std = dpok.ddim_transition(eps, x_t, ab[i].double(), ab_prev[i].double(), eta=1.0)
-        ref_mean = sch.step(eps, t[i], x_t, eta=1.0, variance_noise=torch.zeros_like(x_t)).prev_sample
-        ref_sample = sch.step(eps, t[i], x_t, eta=1.0, variance_noise=z).prev_sample
-        tol = dict(rtol=1e-5, atol=1e-6)  # diffusers forms its coefficients from ᾱ in float32
-        torch.testing.assert_close(mean, ref_mean, **tol)
-        torch.testing.assert_close(mean + std * z, ref_sample, **tol)
-        torch.testing.assert_close(std**2, sch._get_variance(t[i], t[i] - 100).double(), **tol)
-
-
-class FakeUNet(torch.nn.Module):
-    """A deterministic ε-predictor with UNet2DConditionModel's calling convention; counts its calls."""
-
-    config = types.SimpleNamespace(in_channels=4, sample_size=8)
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def forward(self, x, t, encoder_hidden_states):
-        self.calls += 1
-        cond = encoder_hidden_states.mean(dim=(1, 2)).view(-1, 1, 1, 1)
-        return types.SimpleNamespace(sample=torch.tanh(x * (1 + t.view(-1, 1, 1, 1) / 1000) + cond))
-
-
-def test_sample_records_the_gaussian_log_prob_of_each_transition():
-    """The log-probs recorded while sampling (one guided UNet call per step) equal torch.distributions.Normal's
-    density of each drawn x_{t-1} under diffusers' DDIM mean and σ_t, averaged over C, H, W."""
-    T, w = 6, 5.0
-    sch, t, ab, ab_prev = schedule(T)
-    args = dpok.Args(rollout_steps=T, guidance_scale=w, eta=1.0)
-    emb = torch.randn(6, 5, 7)  # [uncond; cond] for N = 3
-    g = torch.Generator().manual_seed(1)
-    unet = FakeUNet()
-    latents, log_probs, _ = dpok.sample(unet, None, emb, (t, ab, ab_prev), args, lambda s: torch.randn(s, generator=g),
-                                        torch.autocast("cpu", enabled=False))
-    assert latents.shape == (T + 1, 3, 4, 8, 8) and log_probs.shape == (T, 3) and unet.calls == T
-    for i in range(T):
-        x = latents[i]
-        eps_u, eps_c = unet(torch.cat([x, x]), t[i].expand(6), emb).sample.chunk(2)
-        eps = eps_u + w * (eps_c - eps_u)
-        mean = sch.step(eps, t[i], x, eta=1.0, variance_noise=torch.zeros_like(x)).prev_sample
-        std = sch._get_variance(t[i], t[i] - 1000 // T).sqrt()
-        expected = Normal(mean, std).log_prob(latents[i + 1]).mean(dim=(1, 2, 3))
-        torch.testing.assert_close(log_probs[i], expected, rtol=1e-4, atol=1e-4)
-
-
 def test_kl_forms_against_their_formulas():
     """eps-mse = mean (ε̂_θ - ε̂_pre)²; gaussian = KL(N(μ_θ, σ²) ‖ N(μ_pre, σ²)) by torch.distributions, averaged over
     C, H, W; the two are tied by μ_θ - μ_pre = c_t (ε̂_θ - ε̂_pre), c_t = √(1-ᾱ_{t-1}-σ²) - √(ᾱ_{t-1}(1-ᾱ_t)/ᾱ_t)."""
@@ -89,8 +36,8 @@ def test_kl_forms_against_their_formulas():
     for i in (0, 10, 19):
         x_t, eps, eps_ref = (torch.randn(4, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
         a, a_prev = ab[i].double(), ab_prev[i].double()
-        mean, std = dpok.ddim_transition(eps, x_t, a, a_prev, 1.0)
-        mean_ref, _ = dpok.ddim_transition(eps_ref, x_t, a, a_prev, 1.0)
+        mean, std = chain.ddim_transition(eps, x_t, a, a_prev, 1.0)
+        mean_ref, _ = chain.ddim_transition(eps_ref, x_t, a, a_prev, 1.0)
         eps_mse = kernels.eps_mse_kl(eps, eps_ref)
         gauss = kernels.gaussian_kl(mean, mean_ref, std)
         torch.testing.assert_close(eps_mse, ((eps - eps_ref) ** 2).mean(dim=(1, 2, 3)))
