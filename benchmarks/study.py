@@ -63,8 +63,8 @@ from common.runtime import require  # noqa: E402
 from common.stats import holm  # noqa: E402
 from common.toy import PROMPT_FILES, TEST_PROMPTS, TRAIN_PROMPTS, VALIDATION_PROMPTS, toy_world  # noqa: E402
 
-ARMS = ("dpo", "dpok", "sft", "rwsft")
-ARMS_BY_COST = ("dpok", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
+ARMS = ("dpo", "dpok", "sft", "rwsft")  # the protocol's arms (docs/study.md); --arms may add grpo
+ARMS_BY_COST = ("grpo", "dpok", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
 PRIMARY = ("dpo", "dpok")  # the primary comparison; its metric is the first scorer (toy: the true toy reward)
 SET_METRICS = ("fid", "kid", "is")
 # Real mode: what --offline-dir holds (docs/study.md lists the downloads and their sizes).
@@ -81,6 +81,9 @@ class Args:
     seeds: tuple[int, ...] = (20, 21, 22, 23, 24)
     """one replicate per seed (training seed of every arm and of its reward model; evaluation noise E(seed)). The
     default is the confirmation run's fresh seeds (docs/study.md): tune on others, with --eval-prompts validation"""
+    arms: tuple[Literal["dpo", "dpok", "sft", "rwsft", "grpo"], ...] = ARMS
+    """the trained arms; the protocol's four by default. grpo (grpo.py on replicate s's fitted reward, as DPOK) is an
+    extra arm: it enlarges Holm's family, so a run with it is a new protocol, to be confirmed on fresh seeds"""
     eval_prompts: Literal["test", "validation"] = "test"
     """where evaluate.py scores: test (the report; touch once) or validation (tuning, recipe choice, stopping rules)"""
     images_per_prompt: int | None = None
@@ -307,7 +310,11 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
                 "--generated-dir", str(out / f"sft_generated-s{seed}")] +
                 (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else []),
         }
-        for name, cmd in arm.items():
+        arm["grpo"] = run("grpo.py") + base + s + learned + ["--prompts", str(files["train"]), "--validation-prompts",
+                                                             str(files["validation"])] + (
+            ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
+            if ci else [])
+        for name, cmd in ((a, arm[a]) for a in args.arms):
             folder = out / f"{name}-s{seed}"
             steps.append(("training", f"{name} seed {seed}", cmd + ["--output-dir", str(folder)],
                           folder / "eval.json"))
@@ -315,7 +322,7 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
     for i, seed in enumerate(args.seeds):
         folder = out / f"evaluate-s{seed}"
         cmd = run("evaluate.py") + base + [
-            "--candidates", *[f"{a}={out / f'{a}-s{seed}'}" for a in ARMS], "--seed", str(evaluation_seed(seed)),
+            "--candidates", *[f"{a}={out / f'{a}-s{seed}'}" for a in args.arms], "--seed", str(evaluation_seed(seed)),
             "--prompts", str(files[args.eval_prompts]), "--images-per-prompt", str(k), "--output-dir", str(folder),
             # the double-blind rating kit once, from the first replicate's images (docs/rating_kit.md)
             "--rating-pairs", str((4 if ci else 12 if toy else 50) if i == 0 else 0)]
@@ -340,14 +347,14 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
 # ------------------------------------------------------------------------------------------ the report
 
 
-def replicate_values(out: Path, seeds: tuple[int, ...]) -> tuple[dict, list[str]]:
+def replicate_values(out: Path, seeds: tuple[int, ...], arms: tuple[str, ...]) -> tuple[dict, list[str]]:
     """values[model][metric] = (n,) per-replicate values on the evaluation prompts: the mean over prompts x images of
-    each per-image scorer, and FID / KID / IS of the run's images; model in base + ARMS."""
+    each per-image scorer, and FID / KID / IS of the run's images; model in base + arms."""
     values, metrics = {}, []
     for seed in seeds:
         res = json.loads((out / f"evaluate-s{seed}" / "results.json").read_text())
         metrics = list(res["args"]["scorers"]) + [m for m in SET_METRICS if m in res["runs"]["base"]]
-        for model in ("base",) + ARMS:
+        for model in ("base",) + tuple(arms):
             run = res["runs"][res["arms"][model][0]]
             for m in metrics:
                 v = float(np.mean(run["per_image"][m])) if m in run["per_image"] else float(run[m])
@@ -358,8 +365,9 @@ def replicate_values(out: Path, seeds: tuple[int, ...]) -> tuple[dict, list[str]
 def seed_tests(values: dict, metrics: list[str], alpha: float) -> list[dict]:
     """Every comparison (each arm against the base, the arms pairwise; the primary first) x every metric, the
     seed-level test of each, Holm across all of them: the report's whole family of tests."""
-    pairs = [PRIMARY] + [(a, "base") for a in ARMS] + [
-        (a, b) for i, a in enumerate(ARMS) for b in ARMS[i + 1:] if (a, b) != PRIMARY]
+    arms = [a for a in values if a != "base"]
+    pairs = [PRIMARY] + [(a, "base") for a in arms] + [
+        (a, b) for i, a in enumerate(arms) for b in arms[i + 1:] if (a, b) != PRIMARY]
     tests = [dict(a=a, b=b, metric=m, **seed_level_test(values[a][m], values[b][m])) for a, b in pairs for m in metrics]
     for t, p in zip(tests, holm([t["p"] for t in tests])):
         t["p_holm"], t["significant"] = p, p <= alpha
@@ -381,7 +389,7 @@ def fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def training_curves(out: Path, seeds: tuple[int, ...]) -> Path | None:
+def training_curves(out: Path, seeds: tuple[int, ...], arms: tuple[str, ...] = ARMS) -> Path | None:
     """training_curves.png: per arm, its reward-like and its KL- or loss-like metric per logged step, one line per
     seed (so that a seed that collapses is seen, not averaged away)."""
     import matplotlib
@@ -391,8 +399,10 @@ def training_curves(out: Path, seeds: tuple[int, ...]) -> Path | None:
 
     panels = [("dpo", "rewards/margin", "implicit reward margin"), ("dpo", "losses/loss", "DPO loss"),
               ("dpok", "rewards/mean", "learned reward of its samples"), ("dpok", "losses/kl", "KL term"),
-              ("sft", "losses/loss", "loss"), ("rwsft", "losses/reg", "KL regulariser")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+              ("sft", "losses/loss", "loss"), ("rwsft", "losses/reg", "KL regulariser"),
+              ("grpo", "rewards/mean", "learned reward of its samples"), ("grpo", "charts/clip_frac", "clip fraction")]
+    panels = [p for p in panels if p[0] in arms]
+    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(4.4 * len(panels) // 2, 6.5), squeeze=False)
     for ax, (arm, metric, label) in zip(axes.T.ravel(), panels):
         for seed in seeds:
             log = out / f"{arm}-s{seed}" / "metrics.jsonl"
@@ -413,7 +423,7 @@ def training_curves(out: Path, seeds: tuple[int, ...]) -> Path | None:
 def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str, list[dict]]:
     """report.md: the protocol restated, the verdict, the seed-level table, every seed's value, the curves, each
     run's own check, the data filtering, what ran and how long it took."""
-    values, metrics = replicate_values(out, args.seeds)
+    values, metrics = replicate_values(out, args.seeds, args.arms)
     tests = seed_tests(values, metrics, args.alpha)
     n, first = len(args.seeds), metrics[0]
     first_eval = json.loads((out / f"evaluate-s{args.seeds[0]}" / "results.json").read_text())
@@ -454,7 +464,7 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
               f"({', '.join(f'{m} sd {base_sd[m]:.2g}' for m in metrics)}).", "",
               "| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     lower_better = {"fid", "kid"}
-    for model in ("base",) + ARMS:
+    for model in ("base",) + tuple(args.arms):
         cells = []
         for m in metrics:
             v = values[model][m]
@@ -463,7 +473,7 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
                 f"/{n}")
             cells.append(" / ".join(fmt(x) for x in v) + f" (mean {fmt(v.mean())}{beat})")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
-    curves = training_curves(out, args.seeds)
+    curves = training_curves(out, args.seeds, args.arms)
     lines += ["", "## 3. Training curves, one line per seed", "", f"![training curves]({curves.name})", ""]
     lines += evaluation_noise(values, metrics, first_eval["images_per_prompt"])
     lines += own_checks(steps)
@@ -489,14 +499,15 @@ def evaluation_noise(values: dict, metrics: list[str], k: int) -> list[str]:
     evaluation noise alone (at k images per prompt); an arm's spread of d_s = m(arm, s) - m(base, s) adds what its
     training seed changes, less the noise the common random numbers cancel."""
     sd = lambda x: float(np.std(x, ddof=1)) if len(x) > 1 else float("nan")  # noqa: E731
+    arms = [a for a in values if a != "base"]
     lines = ["## 4. Descriptive: evaluation noise against the spread between training seeds", "",
              f"Standard deviations over replicates: the base's per-replicate mean (evaluation noise alone, {k} images "
              "per prompt), and each arm's difference from its replicate's base (training seed and noise).", "",
-             "| metric | base (noise) | " + " | ".join(f"{a} - base" for a in ARMS) + " |",
-             "|---" * (len(ARMS) + 2) + "|"]
+             "| metric | base (noise) | " + " | ".join(f"{a} - base" for a in arms) + " |",
+             "|---" * (len(arms) + 2) + "|"]
     for m in metrics:
         lines.append(f"| {m} | {sd(values['base'][m]):.2g} | " +
-                     " | ".join(f"{sd(values[a][m] - values['base'][m]):.2g}" for a in ARMS) + " |")
+                     " | ".join(f"{sd(values[a][m] - values['base'][m]):.2g}" for a in arms) + " |")
     return lines + [""]
 
 

@@ -53,7 +53,7 @@ def test_study_runs_end_to_end_with_the_replicate_as_unit_and_each_loader_on_its
         captions = {c for f in parts for c in pq.read_table(f, columns=["caption"]).column("caption").to_pylist()}
         assert parts and captions <= set(toy.TRAIN_PROMPTS)
     # the seed-level tests: the paired t-test over replicates on each metric's per-replicate value, against scipy
-    values, metrics = study.replicate_values(out, (0, 1))
+    values, metrics = study.replicate_values(out, (0, 1), ARMS)
     assert metrics == ["toy", "clip", "reward-model", "fid", "kid", "is"]
     assert len(tests) == 10 * 6 and (tests[0]["a"], tests[0]["b"], tests[0]["metric"]) == ("dpo", "dpok", "toy")
     for t in tests:
@@ -180,3 +180,25 @@ def test_parallel_training_runs_all_finish_and_a_failure_is_named(tmp_path, monk
     assert set(json.loads((out / "timings.json").read_text())) == {"reward model seed 0", "dpok seed 0", "sft seed 0"}
     with pytest.raises(ValueError, match="at least 2 distinct seeds"):
         study.main(study.Args(output_dir=str(out), seeds=(0,)))
+
+
+def test_grpo_arm_trains_on_the_replicates_fitted_reward_like_dpok(world, tmp_path):
+    """--arms ... grpo: grpo.py gets replicate s's reward model exactly as dpok.py does, the same train and validation
+    prompt files, and its flags parse; evaluate.py compares it with the others. Not in the default (protocol) arms."""
+    import grpo
+
+    assert "grpo" not in study.Args().arms
+    args = study.Args(arms=("dpo", "dpok", "grpo"), seeds=(3, 4))
+    out = tmp_path / "study"
+    steps = study.commands(args, out, study.prepare_data(args, out))
+    train = {name: cmd for phase, name, cmd, _ in steps if phase == "training"}
+    assert sorted(train) == ["dpo seed 3", "dpo seed 4", "dpok seed 3", "dpok seed 4", "grpo seed 3", "grpo seed 4"]
+    g, d = train["grpo seed 4"], train["dpok seed 4"]
+    assert g[1].endswith("grpo.py")
+    for flag in ("--scorer-path", "--prompts", "--validation-prompts", "--seed"):
+        assert g[g.index(flag) + 1] == d[d.index(flag) + 1], flag
+    parsed = grpo.parse_args(g[2:])
+    assert parsed.scorer == "reward-model" and parsed.toy and parsed.seed == 4
+    assert parsed.output_dir == str(out / "grpo-s4")
+    evaluate = next(cmd for phase, name, cmd, _ in steps if name == "evaluate seed 4")
+    assert f"grpo={out / 'grpo-s4'}" in evaluate
