@@ -144,3 +144,22 @@ def test_toy_run_raises_the_validation_reward(toy_run):
     from diffusers import UNet2DConditionModel
 
     UNet2DConditionModel.from_pretrained(toy_run / "final" / "unet")
+
+
+def test_sdxl_lora_run_samples_trains_and_loads(world, tmp_path):
+    """The SDXL family through the same loop: two text encoders, pooled embeddings and time ids travel with the
+    [uncond; cond] rows (force_zeros_for_empty_prompt: zeros as the unconditional branch), ρ = 1 before the update,
+    the LoRA trains, and the printed load line loads it into a StableDiffusionXLPipeline."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from common.toy import toy_sdxl_pipeline
+
+    out = tmp_path / "sdxl"
+    grpo.main(grpo.parse_args([*TINY, "--model", str(toy_sdxl_pipeline()), "--steps", "2", "--output-dir", str(out)]))
+    train = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if "losses/loss" in r]
+    assert len(train) == 1 and abs(train[0]["charts/first_ratio"] - 1) < 1e-5 and train[0]["charts/grad_norm"] > 0
+    assert json.loads((out / "args.json").read_text())["resolution"] == world.resolution  # --toy's, not SDXL's 1024
+    pipe = StableDiffusionXLPipeline.from_pretrained(toy_sdxl_pipeline())
+    pipe.load_lora_weights(str(out / "final" / "lora"))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
