@@ -25,8 +25,8 @@ reward-model  a head on [e_I, e_T] trained by reward_model.py (`RewardMLP`, two 
   27.07), which is what we return. The checkpoint is an OpenCLIP state dict (`{"state_dict": ...}`); we load it
   into transformers' CLIPModel through `openclip_to_transformers` (a key map: OpenCLIP's names follow OpenAI
   CLIP's layout) rather than depend on open_clip_torch, which would add timm and ftfy to our pins for one forward
-  pass that transformers already implements. Processor: the laion ViT-H/14 one (OpenCLIP's ViT-H-14 transform and
-  BPE tokenizer: bicubic resize of the short side to 224, centre crop, OpenAI's mean/std).
+  pass that transformers already implements. Tokenizer: the laion ViT-H/14 one (OpenCLIP's BPE). Pre-processing: HPS's
+  own (`hps_pixels`: the long side resized to 224, black pad to square; img_score.py's light_augmentation=True).
 - ImageReward (Xu et al. 2023, https://arxiv.org/abs/2304.05977, github.com/THUDM/ImageReward, DPOK's reward):
   BLIP's ViT-L/16 at 224 px encodes the image; BLIP's BERT-base text encoder reads the prompt (BLIP's BERT
   tokenizer, padded/truncated to 35 tokens, [CLS] first: `ImageReward.score` does not swap in BLIP's [ENC] token)
@@ -42,9 +42,11 @@ reward-model  a head on [e_I, e_T] trained by reward_model.py (`RewardMLP`, two 
   which head: DPOK's sigmoid head or our linear one, see `RewardMLP`).
 
 Every scorer is an `nn.Module` in eval mode with frozen weights, batched internally, and differentiable with
-respect to the pixels: resizing, cropping and normalising happen in torch (bicubic, antialiased, as CLIP's
-processor), never through PIL. Use `torch.no_grad()` around a call when no gradient is needed. torch +
-transformers only; never `trust_remote_code`, never pickle.
+respect to the pixels: resizing, cropping or padding and normalising happen in torch (`clip_pixels` with PIL's
+clamped two-pass bicubic, `hps_pixels`), never through PIL. Evaluation callers wrap the call in `torch.no_grad()`;
+reward backpropagation (DRaFT, AlignProp, ReFL) calls `differentiable_score(scorer, images, prompts)`, which returns
+the same values with a graph back to the pixels. `load_scorer(..., feedback=True)` gives Diffusion-DPO's
+AI-feedback choice models. torch + transformers only; never `trust_remote_code`, never pickle.
 """
 
 import itertools
