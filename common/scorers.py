@@ -696,8 +696,8 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
 
 
 # Every scorer above is differentiable with respect to the pixels (resize, crop/pad and normalisation in torch, no
-# PIL, no detach, no no_grad inside). Two are flat in places: clip's max(cos, 0) has zero gradient where cos < 0 (use
-# clip-raw to backpropagate), and the 8-bit rounding of the reference pipelines is left out everywhere (clip_pixels).
+# PIL, no detach, no no_grad inside). Flat spots: clip's max(cos, 0) has zero gradient where cos < 0 (use clip-raw to
+# backpropagate), and clip_pixels' clamps (PIL's 8-bit saturation) where a resized pixel leaves [0, 1].
 DIFFERENTIABLE: tuple[str, ...] = get_args(ScorerName)
 
 
