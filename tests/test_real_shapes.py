@@ -10,8 +10,8 @@ checkpoint, resumed, finished; its printed load line loads the result and genera
 run (benchmarks/gpu.py --dry-run). SDXL at its real shape takes a Diffusion-DPO step with LoRA and gradient
 checkpointing (on a GPU, or on a CPU with REAL_SHAPES_SDXL=1). Each run's peak memory (peak RSS of the process on a
 CPU) is printed in the test log. The resolution is 512 px where a GPU is present; on a CPU 128 px
-(`REAL_SHAPES_RESOLUTION` overrides): one LoRA step at 512 px took 6 minutes and 10 GiB on 2 shared CPU cores,
-too slow for CI (README, "Real shapes").
+(`REAL_SHAPES_RESOLUTION` overrides): a LoRA step at 512 px needs 10 GiB and minutes on 2 CPU cores, too slow for
+CI (README, "Real shapes").
 
     python -m pytest tests/test_real_shapes.py -m real_shapes -n 0
 """
@@ -171,8 +171,8 @@ def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, capsys):
 
 @pytest.mark.real_shapes
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("REAL_SHAPES_SDXL")),
-                    reason="SDXL at its real shape took 12 min and 12.6 GiB on 2 shared CPU cores (128 px, one step): "
-                           "on a CPU only with REAL_SHAPES_SDXL=1")
+                    reason="SDXL at its real shape (128 px, one step) needs 12.6 GiB and over 10 minutes on 2 CPU "
+                           "cores: on a CPU only with REAL_SHAPES_SDXL=1")
 def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, capsys):
     res = int(os.environ.get("REAL_SHAPES_SDXL_RESOLUTION", 1024 if torch.cuda.is_available() else 128))
     real_shapes.pipeline("sdxl", tmp_path / "sdxl")
