@@ -13,7 +13,9 @@ come; the shapes can. This module writes
 so that every script loads them with `--model DIR` / `--dataset-source DIR` exactly as it loads the hub's. The
 configurations ship with the project (benchmarks/configs/<name>/, the published config.json files, written out);
 weights never do: each component is built from its config with the library's own random initialisation (seeded)
-and saved with save_pretrained (safetensors). Scores, samples and losses from these models are noise; shapes,
+and saved with save_pretrained (safetensors). One departure from the published files: SD1.5's model_index.json
+lists no safety_checker / feature_extractor (the scripts build their pipelines with safety_checker=None; the real
+one's 1.2 GB CLIP vision tower would only add build time). Scores, samples and losses from these models are noise; shapes,
 memory, speed, file sizes, and whether every script runs end to end at the real size are not.
 
 The tokenizers. CLIP's BPE vocabulary (vocab.json, merges.txt: 49408 tokens) is OpenAI's file and does not ship
