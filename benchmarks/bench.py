@@ -11,7 +11,10 @@ Each step is the method's own: the same model calls and the same loss kernels (`
     python benchmarks/bench.py --sizes sd15 --mixed-precision bf16 --methods dpo   # SD1.5 UNet at 512 px, GPU
 
 Sizes: `toy` is the toy world's model (32 px, 4x8x8 latents); `medium` halves SD1.5's UNet channels at 256 px
-(4x32x32 latents); `sd15` is SD1.5's UNet, VAE and CLIP ViT-L/14 text encoder configs at 512 px (4x64x64 latents).
+(4x32x32 latents); `sd15` is SD1.5's UNet, VAE and CLIP ViT-L/14 text encoder configs at 512 px (4x64x64 latents);
+`sdxl` is SDXL base's UNet (benchmarks/configs/sdxl, with its added text-and-time conditioning) at 1024 px (4x128x128
+latents), `sdxl-toy` the same architecture shrunk (for benchmarks/gpu.py --dry-run). The Adafactor variant uses
+diffusion_dpo.py's SDXL settings (no relative step, no parameter scaling, update clipping 1.0).
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ import torch
 import torch.nn.functional as F
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # common/ and benchmarks/ importable
 from common import kernels  # noqa: E402
 
-Size = Literal["toy", "medium", "sd15"]
+Size = Literal["toy", "medium", "sd15", "sdxl", "sdxl-toy"]
 Method = Literal["dpo", "dpok", "sft", "reward"]
 
 
@@ -70,7 +73,8 @@ class Args:
 # Variants per method: (name, options). Options: lora, ckpt (gradient checkpointing), compile, cache.
 VARIANTS = {
     "dpo": [("full", {}), ("full+ckpt", {"ckpt": 1}), ("full+compile", {"compile": 1}), ("full+no-cache", {"cache": 0}),
-            ("lora", {"lora": 1}), ("lora+ckpt", {"lora": 1, "ckpt": 1})],
+            ("lora", {"lora": 1}), ("lora+ckpt", {"lora": 1, "ckpt": 1}),
+            ("full+adafactor+ckpt", {"adafactor": 1, "ckpt": 1})],
     "dpok": [("rollout", {"lora": 1}), ("update", {"lora": 1})],
     "sft": [("full", {}), ("lora", {"lora": 1})],
     "reward": [("cached", {"cache": 1}), ("no-cache", {"cache": 0})],
@@ -81,6 +85,15 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 def unet_config(size: Size) -> tuple[dict, int]:
     """UNet2DConditionModel kwargs and the latent side for a size."""
+    if size.startswith("sdxl"):  # the published config (benchmarks/configs/sdxl/unet), or shrunk for a dry run
+        from benchmarks.real_shapes import CONFIGS, _scaled
+
+        cfg = json.loads((CONFIGS / "sdxl" / "unet" / "config.json").read_text())
+        if size == "sdxl-toy":
+            cfg = {**_scaled(cfg, 0.1), "cross_attention_dim": 64}
+            cfg["projection_class_embeddings_input_dim"] = 6 * cfg["addition_time_embed_dim"] + 64
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("in_channels", "out_channels")}
+        return cfg, cfg["sample_size"]
     if size == "toy":
         return dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=16,
                     down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
@@ -188,13 +201,29 @@ def make_step(method: str, size: Size, variant: dict, args: Args):
     if not lora and method in ("dpo", "dpok"):
         from diffusers import UNet2DConditionModel
 
+        # stored in the autocast dtype, as diffusion_dpo.py and dpok.py store their frozen reference
         frozen = UNet2DConditionModel(in_channels=4, out_channels=4, **unet_config(size)[0]).to(dev).requires_grad_(False)
+        frozen = frozen.to(amp) if amp is not None else frozen
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
-    fwd = torch.compile(unet) if variant.get("compile") else unet
+    n = 2 * args.pairs
+    if variant.get("adafactor"):
+        from transformers import Adafactor
+
+        opt = Adafactor(params, lr=1e-5, relative_step=False, scale_parameter=False, warmup_init=False, clip_threshold=1.0)
+    else:
+        opt = torch.optim.AdamW(params, lr=1e-5)
+    compiled = torch.compile(unet) if variant.get("compile") else unet
+    added = {}
+    if size.startswith("sdxl"):  # SDXL's added conditioning: pooled text (n, P) and time ids (n, 6)
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        time_ids = torch.tensor([8.0 * side, 8.0 * side, 0, 0, 8.0 * side, 8.0 * side], device=dev)
+        added = {"added_cond_kwargs": {"text_embeds": torch.randn(n, pooled, device=dev, generator=g), "time_ids": time_ids.repeat(n, 1)}}
+        added2 = {"added_cond_kwargs": {k: torch.cat([v, v]) for k, v in added["added_cond_kwargs"].items()}}
+    else:
+        added2 = {}
+    fwd = lambda x, t, c: compiled(x, t, c, **added)  # noqa: E731
     dpo_loss = kernels.compiled(kernels.dpo_loss, enabled=bool(variant.get("compile")))
     alpha_bar = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, device=dev).pow(2).neg().add(1).cumprod(0)  # SD1.5's ᾱ_t
-    n = 2 * args.pairs
     cond = torch.randn(n, 77, cross, device=dev, generator=g)
 
     def noisy(x0, shared_by_pairs: bool):
@@ -226,7 +255,7 @@ def make_step(method: str, size: Size, variant: dict, args: Args):
                 pred = fwd(x_t, t, c).sample
                 if method == "dpo":
                     with torch.no_grad(), reference(unet, frozen) as ref:
-                        ref_pred = ref(x_t, t, c).sample
+                        ref_pred = ref(x_t, t, c, **added).sample
                     loss = dpo_loss(pred, ref_pred, eps, 5000.0)[0]
                 else:
                     loss = kernels.stream_mse(pred[None], eps).mean()
@@ -251,7 +280,7 @@ def make_step(method: str, size: Size, variant: dict, args: Args):
         ts = torch.linspace(999, 0, args.rollout_steps, device=dev).long()
         with torch.no_grad(), autocast():
             for i, t in enumerate(ts):
-                e_u, e_c = unet(torch.cat([x, x]), t.expand(2 * k), torch.cat([cond, cond])).sample.float().chunk(2)
+                e_u, e_c = unet(torch.cat([x, x]), t.expand(2 * k), torch.cat([cond, cond]), **added2).sample.float().chunk(2)
                 eps = e_u + 7.5 * (e_c - e_u)
                 a, a_prev = alpha_bar[t], alpha_bar[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, device=dev)
                 sigma = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # η = 1
@@ -268,10 +297,10 @@ def make_step(method: str, size: Size, variant: dict, args: Args):
 
     def update():
         with autocast():
-            e_u, e_c = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond])).sample.float().chunk(2)
+            e_u, e_c = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), **added2).sample.float().chunk(2)
             eps = e_u + 7.5 * (e_c - e_u)
             with torch.no_grad(), reference(unet, frozen) as ref:
-                r_u, r_c = ref(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond])).sample.float().chunk(2)
+                r_u, r_c = ref(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, cond]), **added2).sample.float().chunk(2)
             a, a_prev = alpha_bar[t].view(-1, 1, 1, 1), alpha_bar[(t - 20).clamp(min=0)].view(-1, 1, 1, 1)
             sigma = ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt().clamp(min=1e-6)
             logp = kernels.gaussian_log_prob(x_prev, ddim_mean(x_t, eps, a, a_prev, sigma), sigma)

@@ -1,0 +1,193 @@
+"""The scripts at the real shapes: randomly initialised SD1.5 and SDXL pipelines built from the published configs
+(benchmarks/real_shapes.py), data in the real layouts with 512 px JPEGs.
+
+Quick tests (in the default `pytest`): the shipped configs give the published parameter counts, the stand-in CLIP
+tokenizer has CLIP's id layout, the real-layout data loads through common/data.py.
+
+Slow tests (marked `real_shapes`, deselected by pytest.ini; `.ci/run` runs them as a second step, one at a time
+because of memory): Diffusion-DPO with LoRA on the real-shape SD1.5 is started, SIGKILLed after its first
+checkpoint, resumed, finished; its printed load line loads the result and generates an image. The GPU command's dry
+run (benchmarks/gpu.py --dry-run). SDXL at its real shape takes a Diffusion-DPO step with LoRA and gradient
+checkpointing (on a GPU, or on a CPU with REAL_SHAPES_SDXL=1). Each run's peak memory (peak RSS of the process on a
+CPU) is printed in the test log. The resolution is 512 px where a GPU is present; on a CPU 128 px
+(`REAL_SHAPES_RESOLUTION` overrides): a LoRA step at 512 px needs 10 GiB and minutes on 2 CPU cores, too slow for
+CI (README, "Real shapes").
+
+    python -m pytest tests/test_real_shapes.py -m real_shapes -n 0
+"""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import real_shapes
+
+REPO = Path(__file__).resolve().parent.parent
+RES = int(os.environ.get("REAL_SHAPES_RESOLUTION", 512 if torch.cuda.is_available() else 128))
+
+
+# ---------------------------------------------------------------- quick: configs, tokenizer, data
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_shipped_configs_give_the_published_parameter_counts():
+    """Built on the meta device (no memory): the counts the model cards and papers give for these models."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = lambda name, sub, f="config.json": json.loads((real_shapes.CONFIGS / name / sub / f).read_text())  # noqa
+    with torch.device("meta"):
+        assert _count(UNet2DConditionModel.from_config(cfg("sd15", "unet"))) == 859_520_964
+        assert _count(AutoencoderKL.from_config(cfg("sd15", "vae"))) == 83_653_863
+        assert _count(CLIPTextModel(CLIPTextConfig(**cfg("sd15", "text_encoder")))) == 123_060_480
+        assert _count(UNet2DConditionModel.from_config(cfg("sdxl", "unet"))) == 2_567_463_684
+        assert _count(CLIPTextModelWithProjection(CLIPTextConfig(**cfg("sdxl", "text_encoder_2")))) == 694_659_840
+    assert cfg("sd15", "vae")["scaling_factor"] == 0.18215 and cfg("sdxl", "vae")["scaling_factor"] == 0.13025
+
+
+def test_stand_in_tokenizer_has_clips_id_layout():
+    tok = real_shapes.clip_tokenizer()
+    ids = tok(["a photograph of an astronaut riding a horse", ""], padding="max_length", max_length=77,
+              truncation=True).input_ids
+    assert len(tok) == 49408 and tok.model_max_length == 77
+    assert all(len(row) == 77 for row in ids)
+    assert ids[0][0] == 49406 and max(ids[0]) == 49407  # BOS first; EOS the largest id (CLIP's pooled output)
+    assert ids[1][:3] == [49406, 49407, 49407]  # "" is BOS, EOS, then EOS padding (SD1.5's pad token)
+    long = tok(["word " * 200], truncation=True, max_length=77).input_ids[0]
+    assert len(long) == 77 and long[-1] == 49407
+    assert real_shapes.clip_tokenizer(pad_token="!").pad_token_id == 0  # SDXL's tokenizer_2
+
+
+def test_real_layout_data_loads_through_the_scripts_loaders(tmp_path):
+    from common.data import decode_image, load_pairs
+
+    real_shapes.pickapic(tmp_path / "pickapic", n=4)
+    real_shapes.imagereward(tmp_path / "imagereward", prompts=3, images=3)
+    pairs = load_pairs("pickapic", str(tmp_path / "pickapic"), "train")
+    assert len(pairs) == 3  # 4 rows, the tie dropped
+    sizes = {decode_image(im).size for p in pairs for im in (p.image_w, p.image_l)}
+    assert sizes == {(512, 512), (768, 512)}
+    pairs = load_pairs("imagereward", str(tmp_path / "imagereward"), "train")
+    assert len(pairs) == 3 * 2  # per prompt 3 images, ranks 1, 2, 2: the two pairs with different ranks
+    assert {decode_image(im).size for p in pairs for im in (p.image_w, p.image_l)} == {(512, 512)}
+
+
+@pytest.mark.real_shapes
+def test_gpu_command_dry_run(tmp_path):
+    """benchmarks/gpu.py --dry-run: every row's code path at a tiny size on the CPU, so a typo does not cost GPU time.
+    Every row is either measured or skipped with its reason, and the results file names the device."""
+    out = tmp_path / "results_gpu.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run", "--out", str(out),
+                           "--work-dir", str(tmp_path / "work")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = out.read_text()
+    assert "Device:" in text and "dry run" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) >= 9
+    failed = [r for r in rows if "failed" in r]
+    assert not failed, failed
+    for r in rows:
+        assert "skipped:" in r or any(ch.isdigit() for ch in r.split("|")[2]), r
+
+
+# ---------------------------------------------------------------- slow: the scripts at the real shapes
+def run(cmd: list[str], kill_when: Path | None = None, timeout: float = 3600) -> tuple[int, str, float]:
+    """Run a command; SIGKILL it as soon as `kill_when` exists. Returns (exit status, output, peak RSS in GiB of
+    that process alone: os.wait4's rusage)."""
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"real_shapes_{os.getpid()}_{time.time_ns()}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if kill_when is not None and kill_when.exists():
+                time.sleep(1)  # let the checkpoint's atomic rename finish; the kill may land anywhere after it
+                proc.send_signal(signal.SIGKILL)
+                kill_when = None
+            if time.time() - t0 > timeout:
+                proc.kill()
+            time.sleep(0.5)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, log.read_text(), usage.ru_maxrss / 2**20
+
+
+def report(capsys, what: str, peak_gib: float) -> None:
+    with capsys.disabled():
+        print(f"\nPEAK MEMORY {what}: {peak_gib:.2f} GiB (process peak RSS; device: "
+              f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'})", flush=True)
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    real_shapes.pipeline("sd15", root / "sd15")
+    real_shapes.pickapic(root / "pickapic", n=6)
+    return root
+
+
+@pytest.mark.real_shapes
+def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, capsys):
+    out = real / "run_dpo"
+    flags = [sys.executable, "diffusion_dpo.py", "--model", str(real / "sd15"), "--dataset-source",
+             str(real / "pickapic"), "--resolution", str(RES), "--lora-rank", "4", "--steps", "2", "--grad-accum", "1",
+             "--per-device-batch", "1", "--num-workers", "0", "--warmup-steps", "0", "--log-every", "1",
+             "--checkpoint-every", "1", "--num-validation-prompts", "0", "--eval-pairs", "1", "--mixed-precision",
+             "no" if not torch.cuda.is_available() else "bf16",
+             "--output-dir", str(out)]
+    code, log, peak = run([*flags, "--overwrite"], kill_when=out / "checkpoints" / "latest")
+    assert code == -signal.SIGKILL, log[-3000:]
+    report(capsys, f"diffusion_dpo.py SD1.5 LoRA {RES} px (killed run)", peak)
+    code, log, peak = run([*flags, "--resume"])
+    assert code == 0, log[-3000:]
+    report(capsys, f"diffusion_dpo.py SD1.5 LoRA {RES} px (resumed run)", peak)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "losses/loss" in r]
+    assert steps[-1] == 2 and 1 in steps
+    first = next(r for r in rows if r.get("step") == 1 and "losses/loss" in r)
+    assert abs(first["losses/loss"] - math.log(2)) < 1e-3  # θ = ref at step 1 (LoRA B = 0): −log σ(0)
+    assert (out / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    load = log.split("load the result with:")[1].strip().splitlines()[0]
+    image = out / "generated.png"
+    code, log, peak = run([sys.executable, "-c", f"{load}; pipe.set_progress_bar_config(disable=True); "
+                           f"pipe('a cat wearing a tiny wizard hat', num_inference_steps=2, height={RES}, "
+                           f"width={RES}).images[0].save({str(image)!r})"])
+    assert code == 0, log[-3000:]
+    report(capsys, f"the printed load line + one {RES} px image", peak)
+    from PIL import Image
+
+    assert Image.open(image).size == (RES, RES)
+
+
+@pytest.mark.real_shapes
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("REAL_SHAPES_SDXL")),
+                    reason="SDXL at its real shape (128 px, one step) needs 12.6 GiB and over 10 minutes on 2 CPU "
+                           "cores: on a CPU only with REAL_SHAPES_SDXL=1")
+def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, capsys):
+    res = int(os.environ.get("REAL_SHAPES_SDXL_RESOLUTION", 1024 if torch.cuda.is_available() else 128))
+    real_shapes.pipeline("sdxl", tmp_path / "sdxl")
+    real_shapes.pickapic(tmp_path / "pickapic", n=3, size=1024)
+    out = tmp_path / "run"
+    code, log, peak = run([sys.executable, "diffusion_dpo.py", "--model", str(tmp_path / "sdxl"), "--dataset-source",
+                           str(tmp_path / "pickapic"), "--resolution", str(res), "--lora-rank", "4", "--steps", "1",
+                           "--grad-accum", "1", "--per-device-batch", "1", "--num-workers", "0", "--warmup-steps", "0",
+                           "--log-every", "1", "--gradient-checkpointing", "--num-validation-prompts", "0",
+                           "--eval-pairs", "1", "--mixed-precision",
+                           "no" if not torch.cuda.is_available() else "bf16", "--output-dir", str(out)])
+    assert code == 0, log[-3000:]
+    report(capsys, f"diffusion_dpo.py SDXL LoRA + gradient checkpointing {res} px", peak)
+    assert "StableDiffusionXLPipeline" in log
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if r.get("step") == 1 and "losses/loss" in r)
+    assert abs(first["losses/loss"] - math.log(2)) < 1e-3
+    assert (out / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
