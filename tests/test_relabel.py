@@ -122,6 +122,7 @@ def test_scorer_ties_keep_the_rows_first_image_as_the_winner(world):
     assert stats["agreement"] == pytest.approx(35 / 37)  # of the 37 decided pairs, c and d disagree
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_dpo_on_scorer_labelled_data_raises_the_toy_reward(world, tmp_path):
     """Every human label reversed: trained on them, DPO would shrink the shapes; relabelled by the toy reward, it
     learns the toy reward's preference again."""

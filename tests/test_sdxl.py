@@ -122,6 +122,7 @@ def test_sdxl_defaults_adafactor_and_turbo(sdxl, tmp_path):
     assert (args["optimizer"], args["prompt_dropout"], args["resolution"]) == ("adamw", 0.0, 32)
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_toy_sdxl_run_aligns_the_model(sdxl, tmp_path):
     summary = dd.main(dd.parse_args(["--toy", "--toy-model", "sdxl", "--output-dir", str(tmp_path),
                                      "--num-validation-prompts", "0"]))
@@ -192,6 +193,7 @@ def test_sft_on_sdxl_lora_with_pretrain_regulariser_saves_a_loadable_lora(sdxl, 
     assert not torch.allclose(tuned, base, atol=1e-7)
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_toy_reward_weighted_sft_on_sdxl_raises_reward(sdxl, tmp_path):
     import sft
 

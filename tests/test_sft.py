@@ -87,6 +87,7 @@ def generated_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("sft_generated")
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_toy_reward_weighted_sft_raises_reward(world, generated_dir, tmp_path):
     """`sft.py --toy` (the reward-weighted baseline) against the base model, on the same fixed seeds."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel

@@ -23,6 +23,7 @@ import study  # noqa: E402
 ARMS = ("dpo", "dpok", "sft", "rwsft")
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_study_runs_end_to_end_with_the_replicate_as_unit_and_each_loader_on_its_own_prompts(world, tmp_path):
     out = tmp_path / "study"
     cmd = [sys.executable, str(REPO / "benchmarks" / "study.py"), "--budget", "ci", "--seeds", "0", "1",
@@ -132,6 +133,7 @@ def test_leak_check_catches_normalised_duplicates_and_real_mode_filters_them(wor
     assert data["counts"]["train"][1] < data["counts"]["train"][0]
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_below_base_warning_fires_on_a_run_made_to_fail(world, tmp_path):
     """Diffusion-DPO on a Pick-a-Pic copy whose labels are swapped (every loser marked the winner, as a label bug
     would): the model learns smaller shapes, and the run must say so at the end and in eval.json, not only exit 0."""
