@@ -10,7 +10,7 @@ Rows (ROWS below; adding one is one entry):
     Diffusion-DPO SDXL 1024 px: LoRA + checkpointing, full fine-tune with Adafactor + checkpointing (bench.py)
     one DPOK iteration through dpok.py itself on the real-shape SD1.5 pipeline (benchmarks/real_shapes.py) with a
         PickScore-shaped scorer (CLIP ViT-H/14, random weights)
-    one GRPO iteration through grpo.py, when the script exists
+    one GRPO iteration through grpo.py (full and LoRA)
     ImageReward and HPS v2.1 scorer throughput at batch 64 (common/scorers.py, real architectures, random weights)
 
 Each row runs in its own process (its peak memory is its own) and is either measured or marked "skipped: <why>":
@@ -182,7 +182,14 @@ def time_scorer(name: str, dry_run: bool, work_dir: str) -> dict:
 DPOK_DRY = ["--rollout-steps", "2", "--sample-batch", "2", "--policy-steps", "1", "--policy-batch", "1", "--grad-accum",
             "1", "--value-batch", "2", "--stat-min-count", "2", "--steps", "1", "--checkpoint-every", "1",
             "--sample-every", "1", "--reward-scale", "none", "--num-validation-prompts", "1", "--sample-steps", "2"]
-# (README row name, function). GRPO: one entry, skipped until grpo.py exists.
+# GRPO: one prompt's group of the official G = 16 trajectories of 50 steps, one optimizer step over their 49 trained
+# steps each (the official iteration is 4 prompts per GPU: 4x this sampling and 2 steps of 32 trajectories).
+GRPO_ONE = ["--sample-batch", "1", "--per-device-batch", "4", "--grad-accum", "4", "--steps", "1",
+            "--checkpoint-every", "1", "--sample-every", "1", "--num-validation-prompts", "1", "--sample-steps", "2"]
+GRPO_DRY = ["--rollout-steps", "2", "--group-size", "2", "--sample-batch", "1", "--per-device-batch", "2",
+            "--grad-accum", "1", "--steps", "1", "--checkpoint-every", "1", "--sample-every", "1",
+            "--num-validation-prompts", "1", "--sample-steps", "2", "--resolution", "64"]
+# (README row name, function).
 ROWS = [
     ("Diffusion-DPO SD1.5 512 px, full fine-tune", bench_row("dpo", "sd15", "full")),
     ("Diffusion-DPO SD1.5 512 px, LoRA + gradient checkpointing", bench_row("dpo", "sd15", "lora+ckpt")),
@@ -194,8 +201,10 @@ ROWS = [
      script_iteration("dpok.py", ["--steps", "5", "--reward-scale", "none", "--num-validation-prompts", "1",
                                   "--sample-steps", "2"],
                      DPOK_DRY, "iteration")),
-    ("GRPO, one iteration (grpo.py, SD1.5 512 px)", script_iteration("grpo.py", ["--steps", "1"], ["--steps", "1"],
-                                                                      "iteration")),
+    ("GRPO, one iteration (grpo.py, SD1.5 512 px, G 16, full fine-tune)",
+     script_iteration("grpo.py", GRPO_ONE, GRPO_DRY, "iteration")),
+    ("GRPO, one iteration (grpo.py, SD1.5 512 px, G 16, LoRA rank 4)",
+     script_iteration("grpo.py", GRPO_ONE + ["--lora-rank", "4"], GRPO_DRY + ["--lora-rank", "4"], "iteration")),
     ("ImageReward scorer, batch 64", scorer_throughput("imagereward")),
     ("HPS v2.1 scorer, batch 64", scorer_throughput("hps")),
 ]
