@@ -51,12 +51,14 @@ AI-feedback choice models. torch + transformers only; never `trust_remote_code`,
 
 import itertools
 import json
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -685,6 +687,11 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
                       f"processor/backbone {clip_path or 'the default'}): {str(e).splitlines()[0][:300]}\n"
                       f"Offline, pass local copies with {flags[0]} (weights) and {flags[1]} (processor or "
                       "backbone)") from e
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a file cut short or not weights
+        where = f"{flags[0]} {path or 'None: the hub default'}, {flags[1]} {clip_path or 'the default'}"
+        raise ValueError(f"scorer {name!r}: a weights file could not be read ({where}): {type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}. Is it truncated (an interrupted download) or another "
+                         "file under the expected name? Download it again.") from e
     broken = [n for n, t in itertools.chain(scorer.named_parameters(), scorer.named_buffers())
               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if broken:  # else every score is NaN, and a script says something about the scores instead of the weights

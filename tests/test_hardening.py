@@ -707,3 +707,23 @@ def test_a_hugging_face_cache_snapshot_is_one_data_set(world, tmp_path):
         link.symlink_to(os.path.relpath(repo / "blobs" / name, link.parent))
     pairs = load("imagereward", snapshot)
     assert len(pairs) == len(load("imagereward", world.imagereward)) and image_bytes(pairs[0].image_w)
+
+
+def test_truncated_scorer_weights_are_named(world, tmp_path):
+    """A CLIP folder whose model.safetensors was cut short, and an ImageReward.pt that is not a checkpoint: the error
+    names the scorer, the flag and the path, and says what to do, instead of safetensors' or torch's bare message."""
+    import shutil
+
+    from common.scorers import load_scorer
+
+    clip = tmp_path / "clip"
+    shutil.copytree(world.clip, clip)
+    weights = clip / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    bad_pt = tmp_path / "ImageReward.pt"
+    bad_pt.write_bytes(b"PK\x03\x04 half a download")
+    for name, path in (("clip", clip), ("imagereward", bad_pt)):
+        with pytest.raises(ValueError, match=rf"scorer '{name}': a weights file could not be read \(--scorer-path "
+                                             rf"{re.escape(str(path))}.*truncated"):
+            load_scorer(name, str(path), flags=("--scorer-path", "--clip-path"))
