@@ -120,11 +120,14 @@ class Args:
     split; above it the run stops, naming the column (common/data.py)"""
     relabel_with: ScorerName | None = None
     """AI feedback (official --choice_model hps|clip|pickscore|aes): the common/scorers.py scorer that picks each
-    training pair's winner, once before training (cached); pairs it scores equal are dropped"""
+    training pair's winner on its raw scores, once before training (cached), with the official choice models'
+    defaults (load_scorer(feedback=True): clip = OpenCLIP ViT-H/14's raw cosine, hps = HPS v2.0); a pair it scores
+    equal keeps the row's first image (jpg_0) as the winner, as the official code"""
     scorer_path: str | None = None
     """--relabel-with's weights where it needs them (see common.scorers.load_scorer: reward-model, aesthetic, ...)"""
     clip_path: str | None = None
-    """the CLIP behind --relabel-with aesthetic / reward-model, or PickScore's processor (None: the scorer's default)"""
+    """the CLIP behind --relabel-with aesthetic / reward-model, or the processor of pickscore / clip / hps (None: the
+    scorer's default)"""
     max_pairs: int | None = None
     """train on the first N pairs only (None: all)"""
     eval_pairs: int | None = 500
@@ -401,19 +404,21 @@ def main(args: Args) -> dict:
     if args.relabel_with:  # AI feedback: the scorer's preferred image becomes the winner (scores cached, rank-sharded)
         try:
             scorer = load_scorer(args.relabel_with, args.scorer_path, clip_path=args.clip_path, device=dist.device,
-                                 flags=("--scorer-path", "--clip-path"))
+                                 flags=("--scorer-path", "--clip-path"), feedback=True)
         except ValueError as e:
             raise ValueError(f"--relabel-with {args.relabel_with}: {e}") from e
-        key = json.dumps([scorer_fingerprint(args.relabel_with, args.scorer_path, args.clip_path, dist), data_key,
-                          args.dataset, args.split, pair_selection(pairs), args.resolution])  # what the scores depend on
+        key = json.dumps(["feedback", scorer_fingerprint(args.relabel_with, args.scorer_path, args.clip_path, dist),
+                          data_key, args.dataset, args.split, pair_selection(pairs)])  # what the scores depend on
         path = Path(args.cache_dir or out / "latent_cache") / f"scores-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        pairs, relabel = relabel_pairs(pairs, score_pairs(pairs, scorer, args.resolution, path.with_suffix(
-            ".safetensors"), dist, device=dist.device, key=key))
+        # the images as decoded (resolution None), not the training crop: the official choice models see jpg_0/jpg_1
+        pairs, relabel = relabel_pairs(pairs, score_pairs(pairs, scorer, None, path.with_suffix(".safetensors"), dist,
+                                                          device=dist.device, key=key))
         del scorer
         if dist.is_main:
             print(f"relabelled by {args.relabel_with}: {relabel['flipped']} of {relabel['kept']} pairs flipped "
-                  f"against the human labels (agreement {relabel['agreement']:.1%}); {relabel['ties']} scorer ties "
-                  f"and {relabel['undecodable']} undecodable pairs dropped")
+                  f"against the human labels (agreement {relabel['agreement']:.1%} of the decided ones); "
+                  f"{relabel['ties']} scorer ties kept with jpg_0 winning, {relabel['undecodable']} undecodable pairs "
+                  "dropped")
     micro = args.per_device_batch * dist.world_size  # pairs per micro-step, all GPUs together
     require(len(pairs) >= micro, f"{len(pairs)} training pairs cannot fill one micro-batch of {micro} pairs "
             f"(--per-device-batch {args.per_device_batch} × {dist.world_size} GPUs)")

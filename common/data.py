@@ -760,14 +760,52 @@ class RelabelledPairs(Sequence):
         return Pair(pair.caption, pair.image_l, pair.image_w) if self.swap[k] else pair
 
 
-def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist, batch_size: int = 32,
+class DecodedPairImages(torch.utils.data.Dataset):
+    """Both images of every pair as decoded, uint8 (3, H, W) each, no resize or crop: what the official AI-feedback
+    choice models see (the PIL images of jpg_0 and jpg_1); None for a pair that does not decode."""
+
+    def __init__(self, pairs: Sequence[Pair]):
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict | None:
+        pair = self.pairs[index]
+        try:
+            images = [decode_image(pair.image_w).convert("RGB"), decode_image(pair.image_l).convert("RGB")]
+        except Exception as e:  # scored NaN, then dropped by relabel_pairs
+            log.warning("pair %d: undecodable image, not scored (%s: %s)", index, type(e).__name__, e)
+            return None
+        w, l = (torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1) for im in images)  # (3, H, W)
+        return dict(image_w=w, image_l=l, caption=pair.caption, index=index)
+
+
+def _score_decoded(scorer, items: list[dict], device) -> torch.Tensor:
+    """(b, 2) scores of DecodedPairImages items [winner, loser]: images of one size scored together, each in [0, 1]."""
+    scores = torch.empty(len(items), 2)
+    by_size: dict[tuple, list[tuple[int, int]]] = {}
+    for i, item in enumerate(items):
+        for j, name in enumerate(("image_w", "image_l")):
+            by_size.setdefault(tuple(item[name].shape), []).append((i, j))
+    for where in by_size.values():
+        images = torch.stack([items[i][("image_w", "image_l")[j]] for i, j in where]).to(device).float() / 255
+        with torch.no_grad():
+            s = scorer(images, [items[i]["caption"] for i, _ in where]).float().cpu()
+        for (i, j), v in zip(where, s):
+            scores[i, j] = v
+    return scores
+
+
+def score_pairs(pairs: Sequence[Pair], scorer, resolution: int | None, path: Path, dist, batch_size: int = 32,
                 device: str | torch.device = "cpu", key: str = "") -> torch.Tensor:
     """The scorer's s(x, c) of both images of every pair, (N, 2) float32 [human winner, human loser], computed once
     into `path` (safetensors) and read back by later runs. Under torchrun each rank scores every world_size-th pair
-    into its own shard file; every rank then reads all shards. NaN for a pair whose images do not decode. Images are
-    the training crop (shorter side resized to `resolution`, centre crop, no flip) in [0, 1]. `key` (what the scores
-    depend on: the scorer's weights, the data's bytes) is stored in the file and compared on reuse: a file of
-    another key is scored afresh."""
+    into its own shard file; every rank then reads all shards. NaN for a pair whose images do not decode. Images in
+    [0, 1]: resolution None, as decoded (the official AI feedback scores the PIL images of jpg_0 / jpg_1; images of
+    one size are batched together); else the training crop (shorter side resized to `resolution`, centre crop, no
+    flip). `key` (what the scores depend on: the scorer's weights, the data's bytes) is stored in the file and
+    compared on reuse: a file of another key is scored afresh."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
     from torch.utils.data import DataLoader
@@ -787,13 +825,21 @@ def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist
         mine = list(range(dist.rank, len(pairs), dist.world_size))
         chunks = [mine[k:k + batch_size] for k in range(0, len(mine), batch_size)]
         scores = torch.full((len(mine), 2), float("nan"))
-        loader = DataLoader(PairDataset(pairs, resolution, random_flip=False, seed=0), batch_sampler=chunks,
-                            collate_fn=collate_skip_none)
+        if resolution is None:
+            loader = DataLoader(DecodedPairImages(pairs), batch_sampler=chunks,
+                                collate_fn=lambda items: [item for item in items if item is not None])
+        else:
+            loader = DataLoader(PairDataset(pairs, resolution, random_flip=False, seed=0), batch_sampler=chunks,
+                                collate_fn=collate_skip_none)
         for batch in tqdm(filter(None, loader), total=len(chunks), desc="relabelling", disable=not dist.is_main):
-            images = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device) * 0.5 + 0.5  # (2b, 3, R, R) in [0, 1]
-            with torch.no_grad():
-                s = scorer(images, batch["caption"] * 2).float().cpu().view(2, -1).T  # (b, 2)
-            scores[batch["index"] // dist.world_size] = s  # pair i is this rank's (i - rank) / world_size-th
+            if resolution is None:
+                s, index = _score_decoded(scorer, batch, device), torch.tensor([item["index"] for item in batch])
+            else:
+                images = torch.cat([batch["pixel_w"], batch["pixel_l"]]).to(device) * 0.5 + 0.5  # (2b, 3, R, R)
+                with torch.no_grad():
+                    s = scorer(images, batch["caption"] * 2).float().cpu().view(2, -1).T  # (b, 2)
+                index = batch["index"]
+            scores[index // dist.world_size] = s  # pair i is this rank's (i - rank) / world_size-th
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"scores": scores.contiguous()}, str(shard))
         barrier()
@@ -809,15 +855,23 @@ def score_pairs(pairs: Sequence[Pair], scorer, resolution: int, path: Path, dist
 
 
 def relabel_pairs(pairs: Sequence[Pair], scores: torch.Tensor) -> tuple[RelabelledPairs, dict]:
-    """AI feedback (Diffusion-DPO paper Sec. 5.4; official --choice_model): the image the scorer rates higher wins.
-    scores (N, 2) [human winner, human loser] from score_pairs. Ties in the scorer's view (equal scores) and pairs
-    that did not decode (NaN) are dropped, as human ties are. Returns the pairs and counts: flipped (pairs whose
-    winner changed), agreement (the fraction of kept pairs where the scorer picks the human winner), dropped ties."""
+    """AI feedback (Diffusion-DPO paper Sec. 5.4; official --choice_model): the image the scorer rates higher wins,
+    on the raw scores (no per-prompt or per-set normalisation: only the sign of s_0 - s_1 matters, as in the official
+    code). scores (N, 2) [human winner, human loser] from score_pairs. A tie in the scorer's view (equal scores) is
+    kept with the data row's first image (Pick-a-Pic's jpg_0) as the winner, as the official code, which hands the
+    pair over in column order and swaps it only when s(jpg_1) > s(jpg_0); for other pair sources (no column order
+    known) the loader's order stands. Pairs that did not decode (NaN) are dropped (the official loader would stop).
+    Returns the pairs and counts: kept, flipped (pairs whose winner changed against the human label, ties included),
+    agreement (the fraction of the kept non-tie pairs where the scorer picks the human winner), ties (kept),
+    undecodable (dropped)."""
     s_w, s_l = scores[:, 0].numpy(), scores[:, 1].numpy()
-    keep = np.isfinite(s_w) & np.isfinite(s_l) & (s_w != s_l)
-    index = np.flatnonzero(keep)
-    swap = (s_l > s_w)[index]
-    stats = {"kept": len(index), "flipped": int(swap.sum()), "agreement": float(1 - swap.mean()) if len(index) else
-             float("nan"), "ties": int((np.isfinite(s_w) & (s_w == s_l)).sum()),
-             "undecodable": int((~np.isfinite(s_w) | ~np.isfinite(s_l)).sum())}
+    index = np.flatnonzero(np.isfinite(s_w) & np.isfinite(s_l))
+    tie = s_w[index] == s_l[index]
+    # PickapicPairs.swap: the human preferred jpg_1, so jpg_0 is the pair's second image; a tie goes to jpg_0
+    first_lost = np.asarray(pairs.swap)[index] if isinstance(pairs, PickapicPairs) else np.zeros(len(index), bool)
+    swap = np.where(tie, first_lost, s_l[index] > s_w[index])
+    decided = swap[~tie]
+    stats = {"kept": len(index), "flipped": int(swap.sum()),
+             "agreement": float(1 - decided.mean()) if len(decided) else float("nan"), "ties": int(tie.sum()),
+             "undecodable": int(len(scores) - len(index))}
     return RelabelledPairs(pairs, index, swap), stats

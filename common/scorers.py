@@ -25,8 +25,8 @@ reward-model  a head on [e_I, e_T] trained by reward_model.py (`RewardMLP`, two 
   27.07), which is what we return. The checkpoint is an OpenCLIP state dict (`{"state_dict": ...}`); we load it
   into transformers' CLIPModel through `openclip_to_transformers` (a key map: OpenCLIP's names follow OpenAI
   CLIP's layout) rather than depend on open_clip_torch, which would add timm and ftfy to our pins for one forward
-  pass that transformers already implements. Processor: the laion ViT-H/14 one (OpenCLIP's ViT-H-14 transform and
-  BPE tokenizer: bicubic resize of the short side to 224, centre crop, OpenAI's mean/std).
+  pass that transformers already implements. Tokenizer: the laion ViT-H/14 one (OpenCLIP's BPE). Pre-processing: HPS's
+  own (`hps_pixels`: the long side resized to 224, black pad to square; img_score.py's light_augmentation=True).
 - ImageReward (Xu et al. 2023, https://arxiv.org/abs/2304.05977, github.com/THUDM/ImageReward, DPOK's reward):
   BLIP's ViT-L/16 at 224 px encodes the image; BLIP's BERT-base text encoder reads the prompt (BLIP's BERT
   tokenizer, padded/truncated to 35 tokens, [CLS] first: `ImageReward.score` does not swap in BLIP's [ENC] token)
@@ -42,9 +42,11 @@ reward-model  a head on [e_I, e_T] trained by reward_model.py (`RewardMLP`, two 
   which head: DPOK's sigmoid head or our linear one, see `RewardMLP`).
 
 Every scorer is an `nn.Module` in eval mode with frozen weights, batched internally, and differentiable with
-respect to the pixels: resizing, cropping and normalising happen in torch (bicubic, antialiased, as CLIP's
-processor), never through PIL. Use `torch.no_grad()` around a call when no gradient is needed. torch +
-transformers only; never `trust_remote_code`, never pickle.
+respect to the pixels: resizing, cropping or padding and normalising happen in torch (`clip_pixels` with PIL's
+clamped two-pass bicubic, `hps_pixels`), never through PIL. Evaluation callers wrap the call in `torch.no_grad()`;
+reward backpropagation (DRaFT, AlignProp, ReFL) calls `differentiable_score(scorer, images, prompts)`, which returns
+the same values with a graph back to the pixels. `load_scorer(..., feedback=True)` gives Diffusion-DPO's
+AI-feedback choice models. torch + transformers only; never `trust_remote_code`, never pickle.
 """
 
 import itertools
@@ -65,6 +67,9 @@ PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 HPS = "xswu/HPSv2"  # holds HPS_v2.1_compressed.pt (and v2.0's HPS_v2_compressed.pt)
 HPS_FILE = "HPS_v2.1_compressed.pt"
+HPS_V2_0_FILE = "HPS_v2_compressed.pt"  # HPS v2.0: Diffusion-DPO's AI-feedback choice model (utils/hps_utils.py)
+# OpenCLIP ViT-H/14 laion2B-s32B-b79K in transformers' format (the same weights): Diffusion-DPO's `clip` choice model
+CLIP_H14 = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 IMAGEREWARD = "THUDM/ImageReward"  # holds ImageReward.pt and med_config.json
 BERT_BASE = "bert-base-uncased"  # BLIP's tokenizer, to which BLIP adds [DEC] and [ENC]
 # ImageReward/ImageReward.py: the score is standardised with these, and images normalised with CLIP's constants.
@@ -77,12 +82,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def clip_pixels(images: torch.Tensor, size: dict, crop: tuple[int, int] | None, mean: torch.Tensor,
-                std: torch.Tensor) -> torch.Tensor:
+                std: torch.Tensor, round_crop: bool = False) -> torch.Tensor:
     """CLIP's image preprocessing in torch, so gradients reach the pixels: (N, 3, H, W) in [0, 1] -> normalised.
 
     size {"shortest_edge": s} scales the shorter side to s (the longer to int(s · long / short), as transformers'
     `get_resize_output_image_size`); {"height", "width"} resizes to that. Bicubic with antialiasing, as the
-    processor's PIL/torchvision path. Then a centre crop (top = (H - h) // 2, as transformers) and (x - mean) / std.
+    processor's PIL/torchvision path. Then a centre crop (top = (H - h) // 2, as transformers; round_crop: top =
+    round((H - h) / 2), as torchvision's CenterCrop, which ImageReward uses) and (x - mean) / std.
+    The resize is PIL's, as the reference pipelines run it on an 8-bit PIL image (ImageReward's _transform, the CLIP
+    processors of the PickScore and aesthetic code): `pil_bicubic`, two passes clamped to [0, 1].
     """
     h, w = images.shape[-2:]
     if size.get("shortest_edge"):
@@ -91,13 +99,53 @@ def clip_pixels(images: torch.Tensor, size: dict, crop: tuple[int, int] | None, 
     else:
         new = (size["height"], size["width"])
     if new != (h, w):  # skip when already there, so an image at the model's size passes unchanged
-        images = F.interpolate(images, size=new, mode="bicubic", antialias=True, align_corners=False)
+        images = pil_bicubic(images, new)
     if crop is not None:
         (h, w), (ch, cw) = images.shape[-2:], crop
         if ch > h or cw > w:
             raise ValueError(f"crop {crop} is larger than the resized image {(h, w)}")
-        top, left = (h - ch) // 2, (w - cw) // 2
+        top, left = (round((h - ch) / 2), round((w - cw) / 2)) if round_crop else ((h - ch) // 2, (w - cw) // 2)
         images = images[..., top : top + ch, left : left + cw]
+    return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def pil_bicubic(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """PIL's `Image.resize(size, BICUBIC)` of an 8-bit image, in torch and differentiable: (N, C, H, W) -> (N, C, h, w).
+
+    PIL resamples in two passes, the width first, each into an 8-bit image, so each pass's result is rounded and
+    clamped to [0, 255]; its kernel is the antialiased bicubic (a = -0.5, support scaled by the downscale factor) that
+    torch's antialias=True implements. We do the two passes with the clamp to [0, 1] between and after (bicubic
+    overshoots at sharp edges by up to about 10 % of the range, which PIL saturates) and leave out the rounding (no
+    gradient): on an 8-bit input the result is within 1/255 of PIL's per pixel (tests/test_scorers.py).
+    """
+    h, w = images.shape[-2:]
+    if w != size[1]:  # PIL skips a pass whose side is unchanged
+        images = F.interpolate(images, size=(h, size[1]), mode="bicubic", antialias=True, align_corners=False)
+        images = images.clamp(0, 1)
+    if h != size[0]:
+        images = F.interpolate(images, size=size, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return images
+
+
+def hps_pixels(images: torch.Tensor, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """HPS v2's image preprocessing in torch: (N, 3, H, W) in [0, 1] -> (N, 3, size, size) normalised.
+
+    HPS v2 (img_score.py: create_model_and_transforms(..., light_augmentation=True) -> image_transform(...,
+    resize_longest_max=True, fill_color=0)) does ToTensor, then open_clip's `ResizeMaxSize`: scale = size / max(H, W),
+    the image resized to (round(H · scale), round(W · scale)) by torchvision's tensor `resize` (bicubic; antialiased,
+    torchvision's default for tensors since 0.17; on floats, so no clamp), then padded with 0 (black, before the
+    normalisation) to size × size, left/top pad // 2 and right/bottom the rest; then Normalize(OpenAI CLIP's mean, std).
+    Nothing of the image is cropped away, unlike CLIP's short-side resize + centre crop. (ResizeMaxSize skips the
+    pad too when the long side is already `size`; a non-square image would then not fit the model, so we pad.)
+    """
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    if scale != 1.0:
+        new = (round(h * scale), round(w * scale))  # Python's round, as open_clip
+        images = F.interpolate(images, size=new, mode="bicubic", antialias=True, align_corners=False)
+    h, w = images.shape[-2:]
+    pad_h, pad_w = size - h, size - w
+    images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
     return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
@@ -106,10 +154,13 @@ class ClipBackbone(nn.Module):
 
     model_path: hub id or folder of the CLIPModel; processor_path: where its processor lives (default: same).
     model: an already built CLIPModel (HPS's, converted from OpenCLIP) instead of loading model_path.
+    resize: "crop" = the processor's short-side resize + centre crop (`clip_pixels`); "pad" = HPS v2's long-side
+    resize + black pad to the model's image size (`hps_pixels`), the processor's mean and std.
+    Pixels, embeddings and scores are float32, or float64 when the backbone is (gradient checks).
     """
 
     def __init__(self, model_path: str, processor_path: str | None = None, dtype: torch.dtype = torch.float32,
-                 model: nn.Module | None = None):
+                 model: nn.Module | None = None, resize: Literal["crop", "pad"] = "crop"):
         super().__init__()
         from transformers import AutoProcessor, CLIPModel
 
@@ -126,15 +177,23 @@ class ClipBackbone(nn.Module):
         # A tokenizer saved without model_max_length reports 1e30; the position table is the real limit.
         self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
         self.embed_dim = self.model.config.projection_dim
+        if resize not in ("crop", "pad"):
+            raise ValueError(f"resize {resize!r}: expected 'crop' or 'pad'")
+        self.resize = resize
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) in [0, 1] -> (N, 3, h, w) normalised pixel values on the model's device, float32."""
-        return clip_pixels(images.to(self.mean.device, torch.float32), self.size, self.crop, self.mean, self.std)
+        """(N, 3, H, W) in [0, 1] -> (N, 3, h, w) normalised pixel values on the model's device, float32 (float64
+        for a float64 backbone: the buffers' dtype)."""
+        images = images.to(self.mean.device, self.mean.dtype)
+        if self.resize == "pad":
+            return hps_pixels(images, self.model.config.vision_config.image_size, self.mean, self.std)
+        return clip_pixels(images, self.size, self.crop, self.mean, self.std)
 
     def embed_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Normalised pixel values -> projected image embeddings e_I (N, D), float32, not unit-normalised."""
+        """Normalised pixel values -> projected image embeddings e_I (N, D), float32 (float64 for a float64
+        backbone), not unit-normalised."""
         out = self.model.vision_model(pixel_values=pixel_values.to(self.model.dtype))
-        return self.model.visual_projection(out.pooler_output).float()
+        return self.model.visual_projection(out.pooler_output).to(self.mean.dtype)
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         return self.embed_pixels(self.pixels(images))
@@ -144,7 +203,7 @@ class ClipBackbone(nn.Module):
         tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
                                 return_tensors="pt").to(self.mean.device)
         out = self.model.text_model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return self.model.text_projection(out.pooler_output).float()
+        return self.model.text_projection(out.pooler_output).to(self.mean.dtype)
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -167,7 +226,8 @@ class AestheticMLP(nn.Module):
         )
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return self.layers(F.normalize(image_embeds.float(), dim=-1)).squeeze(-1)  # (N,)
+        x = image_embeds.to(self.layers[0].weight.dtype)  # float32 (float64 in gradient checks)
+        return self.layers(F.normalize(x, dim=-1)).squeeze(-1)  # (N,)
 
 
 class RewardMLP(nn.Module):
@@ -197,7 +257,8 @@ class RewardMLP(nn.Module):
         self.layers = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
 
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        e_i, e_t = image_embeds.float(), text_embeds.float()
+        dtype = self.layers[0].weight.dtype  # float32 (float64 in gradient checks)
+        e_i, e_t = image_embeds.to(dtype), text_embeds.to(dtype)
         if self.head == "dpok":  # torch.cat([text, img]) -> model -> nn.Sigmoid(), as dpok/reward_model.py
             return torch.sigmoid(self.layers(torch.cat([e_t, e_i], -1))).squeeze(-1)
         return self.layers(torch.cat([F.normalize(e_i, dim=-1), F.normalize(e_t, dim=-1)], -1)).squeeze(-1)
@@ -270,7 +331,7 @@ class ClipScorer(nn.Module):
         for i in range(0, len(images), self.batch_size):
             e_i = self.backbone.embed_images(images[i : i + self.batch_size])  # (b, D)
             e_t = self.backbone.embed_texts(list(prompts[i : i + self.batch_size]))  # (b, D)
-            chunks.append(self.score(e_i, e_t).float())
+            chunks.append(self.score(e_i, e_t).to(self.backbone.mean.dtype))  # float32 (float64 backbone: float64)
         return torch.cat(chunks).to(images.device)  # (N,)
 
 
@@ -294,7 +355,8 @@ def torchmetrics_clip_score(raw_scores: torch.Tensor) -> torch.Tensor:
 
 class PickScore(ClipScorer):
     def score(self, image_embeds, text_embeds):
-        return self.backbone.model.logit_scale.exp().float() * cosine(image_embeds, text_embeds)  # exp(τ) · cos
+        cos = cosine(image_embeds, text_embeds)
+        return self.backbone.model.logit_scale.exp().to(cos.dtype) * cos  # exp(τ) · cos
 
 
 class AestheticScore(ClipScorer):
@@ -408,15 +470,16 @@ def openclip_to_transformers(state: dict[str, torch.Tensor], model_cfg: dict, eo
     return config, new
 
 
-def load_hps_model(path: str | None, tokenizer_eos_id: int):
-    """HPS v2.1's CLIPModel from `HPS_v2.1_compressed.pt` (a file, or a folder holding it; None: the hub's copy).
+def load_hps_model(path: str | None, tokenizer_eos_id: int, filename: str = HPS_FILE):
+    """HPS v2's CLIPModel from `filename` (HPS_v2.1_compressed.pt; v2.0: HPS_v2_compressed.pt) at `path` (the file
+    itself, or a folder holding it; None: the hub's copy).
 
     An `open_clip_config.json` beside it (OpenCLIP's hub format, {"model_cfg": {...}}) gives the head counts; without
     one, ViT-H-14's. torch.load(weights_only=True): the file is a dict of tensors ({"state_dict": ...}), no code.
     """
     from transformers import CLIPModel
 
-    file = _weights_file(path, HPS, HPS_FILE)
+    file = _weights_file(path, HPS, filename)
     checkpoint = torch.load(file, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     state = {k.removeprefix("module."): v.float() for k, v in state.items()}  # a DDP-saved copy prefixes module.
@@ -436,7 +499,7 @@ class ImageRewardMLP(AestheticMLP):
     activations), on BLIP's [CLS] feature as it is (not normalised). (N, 768) -> (N,)."""
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features.float()).squeeze(-1)
+        return self.layers(features.to(self.layers[0].weight.dtype)).squeeze(-1)
 
 
 # ImageReward.pt's keys -> ours. BLIP's ViT (timm's names) -> transformers' BlipVisionModel; BLIP's BERT (med.py) has
@@ -527,8 +590,8 @@ class ImageRewardScore(nn.Module):
         chunks = []
         for i in range(0, len(images), self.batch_size):
             # Resize(224, bicubic) + CenterCrop(224) + Normalize(CLIP's mean, std), ImageReward's _transform
-            pixels = clip_pixels(images[i : i + self.batch_size].to(device, torch.float32), {"shortest_edge": s},
-                                 (s, s), self.mean, self.std)  # (b, 3, 224, 224)
+            pixels = clip_pixels(images[i : i + self.batch_size].to(device, self.mean.dtype), {"shortest_edge": s},
+                                 (s, s), self.mean, self.std, round_crop=True)  # (b, 3, 224, 224), float32
             tokens = self.tokenizer(list(prompts[i : i + self.batch_size]), padding="max_length", truncation=True,
                                     max_length=35, return_tensors="pt").to(device)  # [CLS] ... [SEP] [PAD]..
             image_embeds = self.model.vision_model(pixel_values=pixels.to(dtype)).last_hidden_state  # (b, 1+P, Dv)
@@ -585,7 +648,7 @@ ScorerName = Literal["toy", "clip", "clip-raw", "pickscore", "hps", "imagereward
 
 def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | None = None,
                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 64,
-                flags: tuple[str, str] = ("path=", "clip_path=")) -> Scorer:
+                flags: tuple[str, str] = ("path=", "clip_path="), feedback: bool = False) -> Scorer:
     """A scorer `(images (N, 3, H, W) in [0, 1], prompts) -> (N,) float32` on the images' device.
     Weights that cannot be loaded (offline and no local copy, a wrong folder) raise an OSError that names `flags`,
     the caller's spelling of `path` and `clip_path` (e.g. ("--scorer-path", "--clip-path")).
@@ -604,10 +667,19 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
     name="reward-model": path = a folder written by reward_model.py (required); clip_path overrides the backbone
                          its config.json names (e.g. a local copy of it).
     The backbones run in `dtype` on `device` (float16/bfloat16 on a GPU is fine); the heads and the scores stay
-    float32.
+    float32. dtype=torch.float64 (for gradient checks): everything, heads, pixels and scores included, in float64.
+
+    feedback=True: the defaults of Diffusion-DPO's AI feedback (official `--choice_model`, utils/*_utils.py), which
+    differ from the evaluation ones for two names: "clip" and "clip-raw" = 100 · cos(e_I, e_T) (no clamp) of OpenCLIP
+    ViT-H/14 laion2B-s32B-b79K (default path laion/CLIP-ViT-H-14-laion2B-s32B-b79K), its image preprocessed as HPS
+    v2's (`hps_pixels`: long side resize + black pad); "hps" = HPS v2.0 (HPS_v2_compressed.pt), not v2.1. The other
+    names are already the official choice models (pickscore; aesthetic on CLIP ViT-L/14) or not among them.
+
+    The returned module has no no_grad inside: under torch.no_grad() (every evaluation caller) it builds no graph;
+    for reward backpropagation call it through `differentiable_score`.
     """
     try:
-        scorer = _build_scorer(name, path, clip_path, dtype, batch_size)
+        scorer = _build_scorer(name, path, clip_path, dtype, batch_size, feedback)
     except OSError as e:  # transformers / huggingface_hub: not a local folder, and the hub is unreachable or lacks it
         raise OSError(f"scorer {name!r} could not load its weights (path {path or 'None: the hub default'}, "
                       f"processor/backbone {clip_path or 'the default'}): {str(e).splitlines()[0][:300]}\n"
@@ -618,7 +690,36 @@ def load_scorer(name: ScorerName, path: str | None = None, *, clip_path: str | N
     if broken:  # else every score is NaN, and a script says something about the scores instead of the weights
         raise ValueError(f"scorer {name!r}: its weights ({flags[0]} {path or 'None: the hub default'}) hold NaN or "
                          f"inf values in {len(broken)} tensors (e.g. {', '.join(broken[:3])}): they are broken")
+    if dtype == torch.float64:
+        scorer = scorer.double()  # the float32 heads and buffers too, so a finite-difference check sees float64 only
     return scorer.to(device).eval().requires_grad_(False)
+
+
+# Every scorer above is differentiable with respect to the pixels (resize, crop/pad and normalisation in torch, no
+# PIL, no detach, no no_grad inside). Two are flat in places: clip's max(cos, 0) has zero gradient where cos < 0 (use
+# clip-raw to backpropagate), and the 8-bit rounding of the reference pipelines is left out everywhere (clip_pixels).
+DIFFERENTIABLE: tuple[str, ...] = get_args(ScorerName)
+
+
+def differentiable_score(scorer: Scorer, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """r(x, z) with its graph back to the pixels, for reward backpropagation (DRaFT, AlignProp, ReFL).
+
+    scorer: from `load_scorer` (any name in DIFFERENTIABLE); images: (N, 3, H, W) in [0, 1] that require grad (e.g.
+    the VAE decode of latents that do, mapped by x * 0.5 + 0.5); prompts: N strings. Returns (N,) float32 (float64 for
+    a float64 scorer) with a grad_fn: `(-reward.mean()).backward()` reaches the images and, through them, whatever
+    made them. The scorer's weights stay frozen (requires_grad False): no gradient is stored on them. Runs under
+    torch.enable_grad(), so a no_grad left around the call cannot silently cut the graph. The values equal
+    `scorer(images, prompts)` under torch.no_grad() (the evaluation path), which is the cheaper call when no gradient
+    is wanted. To save memory on a GPU, load the scorer in bfloat16 (dtype=) and/or score fewer images per call.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"differentiable_score: expected images (N, 3, H, W), got {tuple(images.shape)}")
+    if not images.requires_grad:
+        raise ValueError("differentiable_score: the images do not require grad, so no gradient can reach what made "
+                         "them (decoded under torch.no_grad(), or detached?); for scores alone call the scorer under "
+                         "torch.no_grad()")
+    with torch.enable_grad():
+        return scorer(images, list(prompts))
 
 
 def scorer_fingerprint(name: str, path: str | None, clip_path: str | None, dist=None) -> str:
@@ -633,9 +734,12 @@ def scorer_fingerprint(name: str, path: str | None, clip_path: str | None, dist=
     return f"{name}:{fingerprint(*parts, dist=dist)}"
 
 
-def _build_scorer(name: str, path: str | None, clip_path: str | None, dtype: torch.dtype, batch_size: int):
+def _build_scorer(name: str, path: str | None, clip_path: str | None, dtype: torch.dtype, batch_size: int,
+                  feedback: bool = False):
     if name == "toy":
         scorer: nn.Module = ToyScorer()
+    elif name in ("clip", "clip-raw") and feedback:  # Diffusion-DPO's clip choice model: utils/clip_utils.py
+        scorer = ClipScoreRaw(ClipBackbone(path or CLIP_H14, clip_path, dtype, resize="pad"), batch_size)
     elif name in ("clip", "clip-raw"):
         backbone = ClipBackbone(path or CLIP_L14, clip_path, dtype)
         scorer = ClipScore(backbone, batch_size) if name == "clip" else ClipScoreRaw(backbone, batch_size)
@@ -645,9 +749,11 @@ def _build_scorer(name: str, path: str | None, clip_path: str | None, dtype: tor
         from transformers import AutoTokenizer
 
         processor = clip_path or PICKSCORE_PROCESSOR
-        model = load_hps_model(path, AutoTokenizer.from_pretrained(processor).eos_token_id)
-        # HPS v2 = cos(e_I, e_T) (hpsv2.score), printed x 100: the clip-raw formula on HPS's fine-tuned CLIP
-        scorer = ClipScoreRaw(ClipBackbone(path or HPS, processor, dtype, model=model), batch_size)
+        model = load_hps_model(path, AutoTokenizer.from_pretrained(processor).eos_token_id,
+                               HPS_V2_0_FILE if feedback else HPS_FILE)
+        # HPS v2 = cos(e_I, e_T) (hpsv2.score), printed x 100: the clip-raw formula on HPS's fine-tuned CLIP, with
+        # HPS's own preprocessing (long side resize + pad)
+        scorer = ClipScoreRaw(ClipBackbone(path or HPS, processor, dtype, model=model, resize="pad"), batch_size)
     elif name == "imagereward":
         model, tokenizer = load_imagereward(path, clip_path, dtype)
         scorer = ImageRewardScore(model, tokenizer, batch_size)

@@ -1,6 +1,6 @@
 """Tests for AI feedback (`diffusion_dpo.py --relabel-with`, common.data.score_pairs / relabel_pairs): on toy
 Pick-a-Pic data whose human labels were flipped for a known subset, the toy reward as the scorer flips exactly that
-subset back; a Diffusion-DPO run on scorer-labelled data (every human label reversed) still raises the toy reward.
+subset back; scorer ties keep jpg_0 as the winner, as the official code; a Diffusion-DPO run on scorer-labelled data (every human label reversed) still raises the toy reward.
 
     python -m pytest tests/test_relabel.py
 """
@@ -61,19 +61,65 @@ def test_the_toy_scorer_flips_back_exactly_the_flipped_subset(world, tmp_path):
     assert torch.equal(score_pairs(pairs, None, 32, path, dist), scores)  # cached: no scorer needed
 
 
+def test_pairs_are_scored_as_decoded_whatever_their_sizes(tmp_path):
+    """resolution None (what diffusion_dpo.py uses): every image scored at its own size, uncropped, as the official
+    choice models see jpg_0 / jpg_1; images of one size share a batch, and each score equals the image's own."""
+    import io
+
+    from PIL import Image
+
+    from common.data import Pair
+    from common.toy import PROMPTS
+
+    rng = np.random.default_rng(0)
+    sizes = [(24, 24), (20, 36), (24, 24), (36, 20), (20, 36), (24, 24), (24, 24)]
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    pairs = [Pair(PROMPTS[k], png(arrays[k]), png(arrays[k + 1])) for k in range(6)] + [Pair(PROMPTS[6], b"no", b"no")]
+    scores = score_pairs(pairs, load_scorer("toy"), None, tmp_path / "s.safetensors", Dist(0, 1, 0, torch.device("cpu")),
+                         batch_size=4)
+    for k in range(6):
+        for j in (0, 1):
+            x = torch.from_numpy(arrays[k + j]).permute(2, 0, 1)[None].float() / 255
+            assert scores[k, j] == toy_reward(x, [PROMPTS[k]])[0]
+    assert torch.isnan(scores[6]).all()  # undecodable: NaN, dropped by relabel_pairs
+
+
 def test_an_unknown_scorer_is_rejected_with_the_flag_named(world, tmp_path):
     with pytest.raises(ValueError, match="--relabel-with nonsense: unknown scorer"):
         dd.main(dataclasses.replace(dd.parse_args(["--toy", "--steps", "1", "--output-dir", str(tmp_path)]),
                                     relabel_with="nonsense"))  # past the parser, which knows the names too
 
 
-def test_ties_in_the_scorers_view_are_dropped(world):
-    pairs = load_pairs("pickapic", str(world.pickapic), "train", max_pairs=4)
-    scores = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 2.0], [float("nan"), 1.0]])
+def test_scorer_ties_keep_the_rows_first_image_as_the_winner(world):
+    """As the official code (no swap unless s(jpg_1) > s(jpg_0)): a tie goes to jpg_0, whichever image the human
+    preferred; a NaN (undecodable) pair is dropped; the raw scores decide (a scale or shift of one pair's two scores
+    changes nothing)."""
+    pairs = load_pairs("pickapic", str(world.pickapic), "train", max_pairs=40)
+    a = int(np.flatnonzero(~pairs.swap)[0])  # the human preferred jpg_0
+    b = int(np.flatnonzero(pairs.swap)[0])  # the human preferred jpg_1
+    c, d, e = [k for k in range(40) if k not in (a, b)][:3]
+    scores = torch.zeros(40, 2)
+    scores[:, 0] = 1.0  # every other pair: the scorer agrees with the human
+    scores[a] = scores[b] = torch.tensor([0.5, 0.5])  # ties
+    scores[c] = torch.tensor([0.0, 2.0])  # the scorer prefers the human loser
+    scores[d] = torch.tensor([-300.0, -200.0])  # the same, on another scale
+    scores[e] = torch.tensor([float("nan"), 1.0])
     relabelled, stats = relabel_pairs(pairs, scores)
-    assert relabelled.index.tolist() == [0, 2] and relabelled.swap.tolist() == [False, True]
-    assert (stats["ties"], stats["undecodable"], stats["flipped"], stats["agreement"]) == (1, 1, 1, 0.5)
-    assert relabelled[1].image_w == pairs[2].image_l and relabelled[1].image_l == pairs[2].image_w
+    kept = relabelled.index.tolist()
+    assert e not in kept and len(kept) == 39
+    assert not relabelled.swap[kept.index(a)] and relabelled.swap[kept.index(b)]  # jpg_0 wins both ties
+    for k in (a, b):
+        assert relabelled[kept.index(k)].image_w == pairs.ds[int(pairs.rows[k])]["jpg_0"]
+    assert relabelled.swap[kept.index(c)] and relabelled.swap[kept.index(d)]
+    assert relabelled[kept.index(c)].image_w == pairs[c].image_l and relabelled[kept.index(c)].image_l == pairs[c].image_w
+    assert (stats["ties"], stats["undecodable"], stats["kept"], stats["flipped"]) == (2, 1, 39, 3)  # c, d, tie b
+    assert stats["agreement"] == pytest.approx(35 / 37)  # of the 37 decided pairs, c and d disagree
 
 
 def test_dpo_on_scorer_labelled_data_raises_the_toy_reward(world, tmp_path):

@@ -172,9 +172,17 @@ def test_resize_matches_transformers_processor(tiny_clip):
     from common.scorers import ClipBackbone
 
     backbone = ClipBackbone(tiny_clip["clip"])
-    images = torch.rand(2, 3, 48, 64)
-    expected = tiny_clip["processor"].image_processor(images=images, do_rescale=False, return_tensors="pt").pixel_values
+    processor = tiny_clip["processor"].image_processor
+    # float input in [0.25, 0.75], where bicubic's overshoot cannot reach the clamps: the processor's tensor path
+    images = 0.25 + 0.5 * torch.rand(2, 3, 48, 64)
+    expected = processor(images=images, do_rescale=False, return_tensors="pt").pixel_values
     torch.testing.assert_close(backbone.pixels(images), expected, atol=1e-4, rtol=1e-4)
+    # an 8-bit PIL image with hard edges (how the PickScore and aesthetic code call the processor): within 1/255
+    x = _sharp_8bit(45, 73, seed=6)
+    pil = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    mean, std = backbone.mean.view(3, 1, 1), backbone.std.view(3, 1, 1)
+    expected = processor(images=pil, return_tensors="pt").pixel_values[0] * std + mean
+    assert (backbone.pixels(x[None])[0] * std + mean - expected).abs().max() <= 1 / 255
 
 
 # ------------------------------------------------------------------------------------------------ CLIP score forms
@@ -511,9 +519,10 @@ def test_imagereward_preprocessing_matches_its_transform(tiny_imagereward):
     assert (scorers.IMAGEREWARD_MEAN, scorers.IMAGEREWARD_STD) == (0.16717362830052426, 1.0333394966054072)
     transform = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC, antialias=True), T.CenterCrop(32),
                            T.Normalize(scorers.CLIP_MEAN, scorers.CLIP_STD)])
-    images = torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
+    # in [0.25, 0.75], where bicubic's overshoot cannot reach the clamps (the 8-bit PIL path: the test below)
+    images = 0.25 + 0.5 * torch.rand(2, 3, 48, 64, generator=torch.Generator().manual_seed(0))
     got = scorers.clip_pixels(images, {"shortest_edge": 32}, (32, 32), torch.tensor(scorers.CLIP_MEAN),
-                              torch.tensor(scorers.CLIP_STD))
+                              torch.tensor(scorers.CLIP_STD), round_crop=True)
     torch.testing.assert_close(got, transform(images), atol=1e-4, rtol=1e-4)
 
 
@@ -531,3 +540,211 @@ def test_new_scorers_are_differentiable_per_image(tiny_clip, tiny_imagereward, t
     images = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(0)).requires_grad_()
     scorer(images, PROMPTS[:3])[1].backward()
     assert images.grad[0].abs().sum() == 0 and images.grad[2].abs().sum() == 0 and images.grad[1].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing, as the
+# official pipelines run it on images that are neither square nor at the model's size
+
+
+def _sharp_8bit(h, w, seed):
+    """(3, h, w) on the 8-bit grid: noise with a white and a black block, whose hard edges make bicubic overshoot."""
+    x = torch.randint(0, 256, (3, h, w), generator=torch.Generator().manual_seed(seed)).float()
+    x[:, h // 5 : h // 2, w // 6 : w // 2] = 255.0
+    x[:, h // 2 : 4 * h // 5, w // 3 : 5 * w // 6] = 0.0
+    return x / 255
+
+
+@pytest.mark.parametrize("shape", [(300, 181), (181, 300)])
+def test_hps_preprocessing_resizes_the_long_side_and_pads_with_black(shape):
+    """HPS v2's ResizeMaxSize(224, fill=0) + Normalize, written out here with PIL and numpy: each float channel
+    resized by PIL (mode F, bicubic: the antialiased kernel of torchvision's tensor resize), zero-padded, normalised;
+    and with torchvision's functions in open_clip's order (the official code path)."""
+    import torchvision.transforms.functional as TF
+
+    from common.scorers import CLIP_MEAN, CLIP_STD, hps_pixels
+
+    x = _sharp_8bit(*shape, seed=0)
+    got = hps_pixels(x[None].double(), 224, torch.tensor(CLIP_MEAN).double(), torch.tensor(CLIP_STD).double())[0]
+    assert got.shape == (3, 224, 224)
+    h, w = (224, round(181 * 224 / 300)) if shape[0] == 300 else (round(181 * 224 / 300), 224)  # 135 on the short side
+    resized = np.stack([np.asarray(Image.fromarray(c).resize((w, h), Image.BICUBIC), dtype=np.float64)
+                        for c in x.numpy()])
+    top, left = (224 - h) // 2, (224 - w) // 2  # 44 and 45 of an 89-pixel pad: the extra row/column at the end
+    padded = np.zeros((3, 224, 224))
+    padded[:, top : top + h, left : left + w] = resized
+    expected = (padded - np.array(CLIP_MEAN)[:, None, None]) / np.array(CLIP_STD)[:, None, None]
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5, rtol=0)
+    official = TF.normalize(TF.pad(TF.resize(x, [h, w], TF.InterpolationMode.BICUBIC, antialias=True),
+                                   [left, top, 224 - w - left, 224 - h - top], fill=0), CLIP_MEAN, CLIP_STD)
+    torch.testing.assert_close(got.float(), official, atol=1e-4, rtol=0)  # torchvision in float32
+    assert resized.min() < -0.01 and resized.max() > 1.01  # overshoot kept: the official resize is on floats
+
+
+@pytest.fixture(scope="module")
+def tiny_hps(tiny_clip, tmp_path_factory):
+    """HPS_v2.1_compressed.pt and (v2.0) HPS_v2_compressed.pt, OpenCLIP layout, float32, with open_clip_config.json."""
+    folder = tmp_path_factory.mktemp("hps")
+    state = openclip_layout(vocab=len(tiny_clip["processor"].tokenizer))
+    torch.save({"state_dict": state}, folder / "HPS_v2.1_compressed.pt")
+    torch.save({"state_dict": {k: v + 0.5 if k == "visual.ln_post.bias" else v for k, v in state.items()}},
+               folder / "HPS_v2_compressed.pt")  # another model
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": {"vision_cfg": {"head_width": 16}, "text_cfg": {"heads": 4}}}))
+    return dict(folder=str(folder), state=state)
+
+
+def test_hps_scores_a_non_square_image_padded_not_cropped(tiny_clip, tiny_hps):
+    """The score of a 40 x 64 image is OpenCLIP's forward on the whole image resized to 20 x 32 and padded to 32 x 32;
+    the right half of the image matters (a centre crop would cut its edges away)."""
+    import torchvision.transforms.functional as TF
+
+    from common.scorers import CLIP_MEAN, CLIP_STD
+
+    tok = tiny_clip["processor"].tokenizer
+    images = torch.stack([_sharp_8bit(40, 64, seed=s) for s in (1, 2)])
+    prompts = PROMPTS[4:6]
+    pixels = TF.normalize(TF.pad(TF.resize(images, [20, 32], TF.InterpolationMode.BICUBIC, antialias=True),
+                                 [0, 6, 0, 6], fill=0), CLIP_MEAN, CLIP_STD)
+    ids = tok(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    e_i, e_t = openclip_forward(tiny_hps["state"], pixels, ids, (ids == tok.eos_token_id).int().argmax(-1), 2, 4)
+    scorer = load_scorer("hps", tiny_hps["folder"], clip_path=tiny_clip["clip"])
+    with torch.no_grad():
+        got = scorer(images, prompts)
+        edited = images.clone()
+        edited[..., -4:] = 1 - edited[..., -4:]  # the last 4 columns, which a short-side centre crop drops
+        assert (scorer(edited, prompts) - got).abs().min() > 1e-4
+    torch.testing.assert_close(got, 100 * (e_i * e_t).sum(-1), atol=1e-3, rtol=1e-3)
+
+
+def test_imagereward_resize_is_pil_on_8_bits_within_1_over_255(tiny_imagereward):
+    """ImageReward's _transform on a PIL image (torchvision Resize(32, bicubic) and CenterCrop(32) on 8 bits,
+    ToTensor) against ours on the same pixels as floats: a 45 x 73 image with hard edges. Within 1/255 per pixel (PIL
+    rounds each of its two passes to 8 bits; we do not, to keep a gradient); without the clamps, far off."""
+    import torchvision.transforms as T
+
+    from common.scorers import clip_pixels, pil_bicubic
+
+    x = _sharp_8bit(45, 73, seed=3)
+    pil = Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+    official = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                          T.ToTensor()])(pil)  # (3, 32, 32); the resize gives 32 x 51, the crop starts at round(9.5)
+    got = clip_pixels(x[None], {"shortest_edge": 32}, (32, 32), torch.zeros(3), torch.ones(3), round_crop=True)[0]
+    assert (got - official).abs().max() <= 1 / 255
+    one_pass = F.interpolate(x[None], size=(32, 51), mode="bicubic", antialias=True)[0, :, :, 10:42]
+    assert (one_pass - official).abs().max() > 10 / 255  # the old path: bicubic's overshoot left in
+    assert (pil_bicubic(x[None], (32, 51))[0, :, :, 9:41] - official).abs().max() > 10 / 255  # a floor crop: 1 px off
+    # the score: our ImageReward on the float image vs the reference forward on the official 8-bit pixels
+    from transformers import AutoTokenizer
+
+    from common.scorers import CLIP_MEAN, CLIP_STD
+
+    tok = AutoTokenizer.from_pretrained(tiny_imagereward["tokenizer"])
+    prompts = PROMPTS[:1]
+    tokens = tok(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    expected = imagereward_forward(tiny_imagereward["state"], T.Normalize(CLIP_MEAN, CLIP_STD)(official)[None],
+                                   tokens.input_ids, tokens.attention_mask, v_heads=2, t_heads=2)
+    scorer = load_scorer("imagereward", tiny_imagereward["folder"], clip_path=tiny_imagereward["tokenizer"])
+    with torch.no_grad():
+        got = scorer(x[None], prompts)
+    torch.testing.assert_close(got, expected, atol=2e-3, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ reward backpropagation
+
+
+@pytest.fixture(scope="module")
+def scorer_paths(tiny_clip, tiny_imagereward, tiny_hps, tmp_path_factory):
+    """name -> (path, clip_path) of every tiny scorer, heads with random weights."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("heads")
+    torch.manual_seed(5)
+    save_file(AestheticMLP(16).state_dict(), str(root / "aesthetic.safetensors"))
+    save_reward_model(root / "rm", RewardMLP(16, hidden_dim=24), dict(clip=tiny_clip["clip"], embed_dim=16,
+                                                                      hidden_dim=24, num_hidden_layers=3))
+    return {"clip": (tiny_clip["clip"], None), "clip-raw": (tiny_clip["clip"], None),
+            "pickscore": (tiny_clip["model_only"], tiny_clip["clip"]), "hps": (tiny_hps["folder"], tiny_clip["clip"]),
+            "imagereward": (tiny_imagereward["folder"], tiny_imagereward["tokenizer"]),
+            "aesthetic": (str(root / "aesthetic.safetensors"), tiny_clip["clip"]), "reward-model": (str(root / "rm"), None)}
+
+
+@pytest.mark.parametrize("name", ["clip", "clip-raw", "pickscore", "hps", "imagereward", "aesthetic", "reward-model"])
+def test_reward_gradient_equals_finite_differences_and_the_score_the_no_grad_path(scorer_paths, name):
+    """float64 scorer, two 40 x 56 images (resized, cropped or padded on the way): the gradient of
+    w_1 r(x_1) + w_2 r(x_2) along random directions v equals the central difference (f(x + hv) - f(x - hv)) / 2h;
+    and the differentiable score equals the evaluation call's, in float64 and in float32 as the scripts load it."""
+    from common.scorers import DIFFERENTIABLE, differentiable_score
+
+    assert name in DIFFERENTIABLE
+    path, clip_path = scorer_paths[name]
+    prompts = PROMPTS[:2]
+    # float32 draws as test_gradients_reach_pixels_through_resize: every tiny-CLIP cosine positive (clip's clamp)
+    images = torch.rand(3, 3, 40, 56, generator=torch.Generator().manual_seed(0))[:2].double()
+    scorer = load_scorer(name, path, clip_path=clip_path, dtype=torch.float64, batch_size=1)
+    x = images.clone().requires_grad_()
+    r = differentiable_score(scorer, x, prompts)
+    assert r.dtype == torch.float64 and r.shape == (2,) and r.grad_fn is not None
+    w = torch.tensor([1.0, -0.7], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((w * r).sum(), x)
+    with torch.no_grad():
+        torch.testing.assert_close(r.detach(), scorer(images, prompts), rtol=1e-12, atol=1e-12)
+        f = lambda y: (w * scorer(y, prompts)).sum()  # noqa: E731
+        g, h = torch.Generator().manual_seed(1), 1e-6
+        for _ in range(3):
+            v = torch.randn(images.shape, generator=g, dtype=torch.float64)
+            fd = (f(images + h * v) - f(images - h * v)) / (2 * h)
+            torch.testing.assert_close((grad * v).sum(), fd, rtol=1e-5, atol=1e-7)
+            assert fd.abs() > 1e-4  # a real slope, not two zeros agreeing
+    if name == "clip":
+        assert (r > 0).all()  # max(cos, 0) is flat below 0: the check needs the positive side
+    scorer32 = load_scorer(name, path, clip_path=clip_path, batch_size=1)
+    with torch.no_grad():
+        plain = scorer32(images.float(), prompts)
+    assert torch.equal(differentiable_score(scorer32, images.float().requires_grad_(), prompts).detach(), plain)
+
+
+def test_toy_reward_gradient_is_its_formula():
+    """d r / d x_p = -exp(-|x_p - c|² / 2τ²) (x_p - c) / (τ² H W), τ = 0.2, for the toy scorer (common/toy.py)."""
+    from common.scorers import differentiable_score
+    from common.toy import COLORS, parse_prompt
+
+    x = torch.rand(2, 3, 8, 12, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    prompts = PROMPTS[:2]
+    (grad,) = torch.autograd.grad(differentiable_score(load_scorer("toy"), x, prompts).sum(), x)
+    c = torch.tensor([COLORS[parse_prompt(p)[0]] for p in prompts], dtype=torch.float32)[:, :, None, None] / 255
+    d = x.detach() - c
+    expected = -torch.exp(-d.pow(2).sum(1, keepdim=True) / (2 * 0.2**2)) * d / (0.2**2 * 8 * 12)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-8)
+
+
+def test_differentiable_score_keeps_the_graph_under_no_grad_and_refuses_detached_images(tiny_clip):
+    from common.scorers import differentiable_score
+
+    scorer = load_scorer("clip-raw", tiny_clip["clip"])
+    x = _images(n=2).requires_grad_()
+    with torch.no_grad():  # a caller's leftover no_grad does not cut the graph silently
+        r = differentiable_score(scorer, x, PROMPTS[:2])
+    r.sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in scorer.parameters())  # weights stay frozen
+    with pytest.raises(ValueError, match="do not require grad"):
+        differentiable_score(scorer, _images(n=2), PROMPTS[:2])
+
+
+def test_feedback_defaults_are_diffusion_dpos_choice_models(tiny_clip, tiny_hps):
+    """feedback=True: clip = 100 · cos, unclamped, on HPS's padded pixels (Diffusion-DPO's clip_utils: OpenCLIP's
+    ViT-H/14 with light_augmentation); hps = the v2.0 file."""
+    from common.scorers import CLIP_MEAN, CLIP_STD, hps_pixels
+
+    images, prompts = torch.stack([_sharp_8bit(40, 64, seed=s) for s in (4, 5)]), PROMPTS[6:8]
+    model, tok = tiny_clip["model"], tiny_clip["processor"].tokenizer
+    with torch.no_grad():
+        pixels = hps_pixels(images, 32, torch.tensor(CLIP_MEAN), torch.tensor(CLIP_STD))
+        e_i = model.get_image_features(pixel_values=pixels)
+        e_t = model.get_text_features(**tok(prompts, padding="max_length", max_length=77, return_tensors="pt"))
+        e_i, e_t = getattr(e_i, "pooler_output", e_i), getattr(e_t, "pooler_output", e_t)
+        got = load_scorer("clip", tiny_clip["clip"], feedback=True)(images, prompts)
+        torch.testing.assert_close(got, 100 * F.cosine_similarity(e_i, e_t), atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(got, load_scorer("clip-raw", tiny_clip["clip"])(images, prompts), atol=1e-2)
+        v20 = load_scorer("hps", tiny_hps["folder"], clip_path=tiny_clip["clip"], feedback=True)(images, prompts)
+        v21 = load_scorer("hps", tiny_hps["folder"], clip_path=tiny_clip["clip"])(images, prompts)
+    assert not torch.allclose(v20, v21, atol=1e-3)  # the other file
