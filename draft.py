@@ -323,6 +323,14 @@ def decode_with_grad(vae, latents):
     return (vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float() / 2 + 0.5).clamp(0, 1)
 
 
+def broadcast_params(params: list, dist: runtime.Dist) -> None:
+    """Rank 0's initial weights on every rank (what DDP does when it wraps a model): the LoRA's random init is drawn
+    from each rank's own seed."""
+    if dist.world_size > 1:
+        for p in params:
+            tdist.broadcast(p.data, src=0)
+
+
 def all_reduce_grads(params: list, dist: runtime.Dist) -> None:
     """Average the gradients over ranks. Not DDP: the chain calls the UNet K times before one backward, and DDP's
     hooks allow one call per backward (static_graph would need the same K every step, which AlignProp's is not)."""
@@ -395,6 +403,7 @@ def main(args: Args) -> Path:
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
+    broadcast_params(params, dist)  # one starting point; all_reduce_grads then keeps the ranks equal
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=args.weight_decay,
                                   eps=1e-8)
     scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
