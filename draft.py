@@ -500,7 +500,8 @@ def main(args: Args) -> Path:
         window = f"AlignProp: gradient through the last K ~ U{{{lo}..{min(hi, T)}}} steps"
     else:
         window = (f"DRaFT-LV: n = {lv} re-noised copies of x₀ through the last step" if lv else
-                  f"DRaFT-{args.backprop_steps or T}: gradient through the last {args.backprop_steps or T} steps")
+                  f"full DRaFT: gradient through all {T} steps" if args.backprop_steps == 0 else
+                  f"DRaFT-{args.backprop_steps}: gradient through the last {args.backprop_steps} steps")
     per_step = args.per_device_batch * args.grad_accum * dist.world_size
     if dist.is_main:
         print(f"{window} of a {T}-step DDIM(η {args.eta:g}) chain, w {args.guidance_scale:g} "
