@@ -37,9 +37,9 @@ Usage (--method picks the recipe; every flag it sets can be given as well):
     python draft.py --backprop-steps 0                                 # full DRaFT (every step, checkpointed)
     python draft.py --lv-samples 2                                     # DRaFT-LV
     torchrun --nproc_per_node 4 draft.py --method alignprop --scorer hps --prompts hps_v2_all.txt   # AlignProp HPS
-    torchrun --nproc_per_node 8 draft.py --method refl --scorer imagereward --prompts refl_data.json  # ReFL
+    torchrun --nproc_per_node 8 draft.py --method refl --scorer imagereward --prompts refl_prompts.txt  # ReFL
     python draft.py --model stabilityai/stable-diffusion-xl-base-1.0 --gradient-checkpointing   # SDXL
-    python draft.py --toy                                              # the offline toy world, ~1 min on a CPU
+    python draft.py --toy                                              # the offline toy world, a few minutes on a CPU
 """
 
 import dataclasses
@@ -78,7 +78,8 @@ class Args:
     runwayml/stable-diffusion-v1-5; the same architecture)"""
     prompts: str = "partiprompts"
     """training prompts: a text file, .json list, parquet, HPSv2 folder, 'partiprompts' or 'pickapic' (AlignProp:
-    assets/simple_animals.txt for aesthetic, hps_v2_all.txt for HPS; ReFL: data/refl_data.json)"""
+    assets/simple_animals.txt for aesthetic, hps_v2_all.txt for HPS; ReFL: the "text" fields of data/refl_data.json
+    written one per line, since that file is a list of dicts, which --prompts does not read)"""
     scorer: Literal["hps", "imagereward", "pickscore", "aesthetic", "clip-raw", "reward-model", "toy"] = "aesthetic"
     """r(x0, c), differentiable, from common/scorers.py (DRaFT's and AlignProp's headline: the LAION aesthetic head,
     --scorer-path its weights; ReFL: 'imagereward'). 'clip-raw', not 'clip': the clamp of 'clip' has no gradient"""
