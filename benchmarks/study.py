@@ -63,8 +63,8 @@ from common.runtime import require  # noqa: E402
 from common.stats import holm  # noqa: E402
 from common.toy import PROMPT_FILES, TEST_PROMPTS, TRAIN_PROMPTS, VALIDATION_PROMPTS, toy_world  # noqa: E402
 
-ARMS = ("dpo", "dpok", "sft", "rwsft")  # the protocol's arms (docs/study.md); --arms may add grpo
-ARMS_BY_COST = ("grpo", "dpok", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
+ARMS = ("dpo", "dpok", "sft", "rwsft")  # the protocol's arms (docs/study.md); --arms may add grpo and draft
+ARMS_BY_COST = ("grpo", "dpok", "draft", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
 PRIMARY = ("dpo", "dpok")  # the primary comparison; its metric is the first scorer (toy: the true toy reward)
 SET_METRICS = ("fid", "kid", "is")
 # Real mode: what --offline-dir holds (docs/study.md lists the downloads and their sizes).
@@ -81,9 +81,10 @@ class Args:
     seeds: tuple[int, ...] = (20, 21, 22, 23, 24)
     """one replicate per seed (training seed of every arm and of its reward model; evaluation noise E(seed)). The
     default is the confirmation run's fresh seeds (docs/study.md): tune on others, with --eval-prompts validation"""
-    arms: tuple[Literal["dpo", "dpok", "sft", "rwsft", "grpo"], ...] = ARMS
-    """the trained arms; the protocol's four by default. grpo (grpo.py on replicate s's fitted reward, as DPOK) is an
-    extra arm: it enlarges Holm's family, so a run with it is a new protocol, to be confirmed on fresh seeds"""
+    arms: tuple[Literal["dpo", "dpok", "sft", "rwsft", "grpo", "draft"], ...] = ARMS
+    """the trained arms; the protocol's four by default. grpo (grpo.py) and draft (draft.py, DRaFT-1 reward
+    backpropagation) train on replicate s's fitted reward, as DPOK; an extra arm enlarges Holm's family, so a run
+    with it is a new protocol, to be confirmed on fresh seeds"""
     eval_prompts: Literal["test", "validation"] = "test"
     """where evaluate.py scores: test (the report; touch once) or validation (tuning, recipe choice, stopping rules)"""
     images_per_prompt: int | None = None
@@ -314,6 +315,10 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
                                                              str(files["validation"])] + (
             ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
             if ci else [])
+        arm["draft"] = run("draft.py") + base + s + learned + ["--prompts", str(files["train"]), "--validation-prompts",
+                                                               str(files["validation"])] + (
+            ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
+            if ci else [])
         for name, cmd in ((a, arm[a]) for a in args.arms):
             folder = out / f"{name}-s{seed}"
             steps.append(("training", f"{name} seed {seed}", cmd + ["--output-dir", str(folder)],
@@ -400,7 +405,8 @@ def training_curves(out: Path, seeds: tuple[int, ...], arms: tuple[str, ...] = A
     panels = [("dpo", "rewards/margin", "implicit reward margin"), ("dpo", "losses/loss", "DPO loss"),
               ("dpok", "rewards/mean", "learned reward of its samples"), ("dpok", "losses/kl", "KL term"),
               ("sft", "losses/loss", "loss"), ("rwsft", "losses/reg", "KL regulariser"),
-              ("grpo", "rewards/mean", "learned reward of its samples"), ("grpo", "charts/clip_frac", "clip fraction")]
+              ("grpo", "rewards/mean", "learned reward of its samples"), ("grpo", "charts/clip_frac", "clip fraction"),
+              ("draft", "rewards/mean", "learned reward of its samples"), ("draft", "losses/loss", "loss")]
     panels = [p for p in panels if p[0] in arms]
     fig, axes = plt.subplots(2, len(panels) // 2, figsize=(4.4 * len(panels) // 2, 6.5), squeeze=False)
     for ax, (arm, metric, label) in zip(axes.T.ravel(), panels):

@@ -184,8 +184,8 @@ def test_parallel_training_runs_all_finish_and_a_failure_is_named(tmp_path, monk
         study.main(study.Args(output_dir=str(out), seeds=(0,)))
 
 
-def test_grpo_arm_trains_on_the_replicates_fitted_reward_like_dpok(world, tmp_path):
-    """--arms ... grpo: grpo.py gets replicate s's reward model exactly as dpok.py does, the same train and validation
+def test_grpo_and_draft_arms_train_on_the_replicates_fitted_reward_like_dpok(world, tmp_path):
+    """--arms ... grpo (or draft): grpo.py gets replicate s's reward model exactly as dpok.py does, the same train and validation
     prompt files, and its flags parse; evaluate.py compares it with the others. Not in the default (protocol) arms."""
     import grpo
 
@@ -204,3 +204,11 @@ def test_grpo_arm_trains_on_the_replicates_fitted_reward_like_dpok(world, tmp_pa
     assert parsed.output_dir == str(out / "grpo-s4")
     evaluate = next(cmd for phase, name, cmd, _ in steps if name == "evaluate seed 4")
     assert f"grpo={out / 'grpo-s4'}" in evaluate
+    import draft
+
+    args = study.Args(arms=("dpo", "dpok", "draft"), seeds=(3, 4))
+    train = {name: cmd for phase, name, cmd, _ in study.commands(args, out, study.prepare_data(args, out))
+             if phase == "training"}
+    r = train["draft seed 3"]
+    parsed = draft.parse_args(r[2:])
+    assert parsed.scorer == "reward-model" and parsed.scorer_path == str(out / "rm-s3" / "final") and parsed.seed == 3
