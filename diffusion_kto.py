@@ -252,7 +252,7 @@ def diffusion_kto_loss(model_pred, ref_pred, target, desirable, beta: float, lam
     reward = beta * (mse_ref - mse_model)  # (B,)
     reference_point = batch_mean(reward.detach()).clamp(min=0)  # 0-dim; no gradient flows through the KL estimate
     sign = desirable.to(reward.dtype) * 2 - 1  # (B,): +1 desirable, −1 undesirable
-    weight = torch.where(desirable, lambda_desirable, lambda_undesirable).to(reward.dtype)  # (B,) λ_y
+    weight = torch.where(desirable, reward.new_tensor(lambda_desirable), reward.new_tensor(lambda_undesirable))  # λ_y
     loss = (weight * (1 - torch.sigmoid(sign * (reward - reference_point)))).mean()  # λ_y − v(x)
     d, u = desirable.float(), (~desirable).float()
     r = reward.detach().float()
@@ -296,10 +296,12 @@ def per_image_labels(keys_w: Sequence, keys_l: Sequence, intersections: str) -> 
     image is `exclusive_win`, `exclusive_lose` or `intersections`). keys_w[i], keys_l[i]: the identities of the
     preferred and the rejected image of comparison i. An image that only wins is desirable, one that only loses
     undesirable, one that does both goes where `intersections` says (desirable, undesirable, or dropped).
-    Returns (first (M,): the position in keys_w + keys_l where each kept image first appears, desirable (M,) bool)."""
-    won, lost, first = set(keys_w), set(keys_l), {}
-    for position, key in enumerate([*keys_w, *keys_l]):
-        first.setdefault(key, position)
+    Returns (first (M,): the position in keys_w + keys_l where each kept image first appears, in the order of the
+    comparisons; desirable (M,) bool)."""
+    won, lost, first, n = set(keys_w), set(keys_l), {}, len(keys_w)
+    for i in range(n):  # in the order of the comparisons, so that --max-images keeps both labels
+        first.setdefault(keys_w[i], i)
+        first.setdefault(keys_l[i], n + i)
     keep, desirable = [], []
     for key, position in first.items():
         both = key in won and key in lost
