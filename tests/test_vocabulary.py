@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = ("diffusion_dpo", "dpok", "grpo", "draft", "sft", "reward_model", "evaluate", "rating_kit")
+SCRIPTS = ("diffusion_dpo", "diffusion_kto", "dpok", "grpo", "draft", "sft", "reward_model", "evaluate", "rating_kit")
 
 
 def vocabulary() -> list[dict]:
