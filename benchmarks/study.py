@@ -63,8 +63,8 @@ from common.runtime import require  # noqa: E402
 from common.stats import holm  # noqa: E402
 from common.toy import PROMPT_FILES, TEST_PROMPTS, TRAIN_PROMPTS, VALIDATION_PROMPTS, toy_world  # noqa: E402
 
-ARMS = ("dpo", "dpok", "sft", "rwsft")  # the protocol's arms (docs/study.md); --arms may add grpo and draft
-ARMS_BY_COST = ("grpo", "dpok", "draft", "rwsft", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
+ARMS = ("dpo", "dpok", "sft", "rwsft")  # the protocol's arms (docs/study.md); --arms may add grpo, draft, kto
+ARMS_BY_COST = ("grpo", "dpok", "draft", "rwsft", "kto", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
 PRIMARY = ("dpo", "dpok")  # the primary comparison; its metric is the first scorer (toy: the true toy reward)
 SET_METRICS = ("fid", "kid", "is")
 # Real mode: what --offline-dir holds (docs/study.md lists the downloads and their sizes).
@@ -81,10 +81,11 @@ class Args:
     seeds: tuple[int, ...] = (20, 21, 22, 23, 24)
     """one replicate per seed (training seed of every arm and of its reward model; evaluation noise E(seed)). The
     default is the confirmation run's fresh seeds (docs/study.md): tune on others, with --eval-prompts validation"""
-    arms: tuple[Literal["dpo", "dpok", "sft", "rwsft", "grpo", "draft"], ...] = ARMS
+    arms: tuple[Literal["dpo", "dpok", "sft", "rwsft", "grpo", "draft", "kto"], ...] = ARMS
     """the trained arms; the protocol's four by default. grpo (grpo.py) and draft (draft.py, DRaFT-1 reward
-    backpropagation) train on replicate s's fitted reward, as DPOK; an extra arm enlarges Holm's family, so a run
-    with it is a new protocol, to be confirmed on fresh seeds"""
+    backpropagation) train on replicate s's fitted reward, as DPOK; kto (diffusion_kto.py) on the comparisons' images
+    split into liked and disliked, as Diffusion-DPO on their pairs. An extra arm enlarges Holm's family, so a run with
+    it is a new protocol, to be confirmed on fresh seeds"""
     eval_prompts: Literal["test", "validation"] = "test"
     """where evaluate.py scores: test (the report; touch once) or validation (tuning, recipe choice, stopping rules)"""
     images_per_prompt: int | None = None
@@ -319,6 +320,8 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
                                                                str(files["validation"])] + (
             ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
             if ci else [])
+        arm["kto"] = run("diffusion_kto.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
+            ["--steps", "3", "--eval-images", "16", "--reward-seeds", "1"] if ci else ["--eval-draws", "4"] if toy else [])
         for name, cmd in ((a, arm[a]) for a in args.arms):
             folder = out / f"{name}-s{seed}"
             steps.append(("training", f"{name} seed {seed}", cmd + ["--output-dir", str(folder)],
@@ -406,7 +409,8 @@ def training_curves(out: Path, seeds: tuple[int, ...], arms: tuple[str, ...] = A
               ("dpok", "rewards/mean", "learned reward of its samples"), ("dpok", "losses/kl", "KL term"),
               ("sft", "losses/loss", "loss"), ("rwsft", "losses/reg", "KL regulariser"),
               ("grpo", "rewards/mean", "learned reward of its samples"), ("grpo", "charts/clip_frac", "clip fraction"),
-              ("draft", "rewards/mean", "learned reward of its samples"), ("draft", "losses/loss", "loss")]
+              ("draft", "rewards/mean", "learned reward of its samples"), ("draft", "losses/loss", "loss"),
+              ("kto", "losses/loss", "KTO loss"), ("kto", "rewards/reference_point", "reference point z_0")]
     panels = [p for p in panels if p[0] in arms]
     fig, axes = plt.subplots(2, len(panels) // 2, figsize=(4.4 * len(panels) // 2, 6.5), squeeze=False)
     for ax, (arm, metric, label) in zip(axes.T.ravel(), panels):

@@ -212,3 +212,11 @@ def test_grpo_and_draft_arms_train_on_the_replicates_fitted_reward_like_dpok(wor
     r = train["draft seed 3"]
     parsed = draft.parse_args(r[2:])
     assert parsed.scorer == "reward-model" and parsed.scorer_path == str(out / "rm-s3" / "final") and parsed.seed == 3
+    import diffusion_kto
+
+    args = study.Args(arms=("dpo", "dpok", "kto"), seeds=(3, 4))
+    train = {name: cmd for phase, name, cmd, _ in study.commands(args, out, study.prepare_data(args, out))
+             if phase == "training"}
+    k, d = train["kto seed 4"], train["dpo seed 4"]
+    assert k[k.index("--dataset-source") + 1] == d[d.index("--dataset-source") + 1]  # the same comparisons' images
+    assert diffusion_kto.parse_args(k[2:]).dataset == "imagereward"
