@@ -224,6 +224,7 @@ def toy_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
 def test_toy_run_raises_the_true_toy_reward(toy_run, world):
     out = toy_run
     result = json.loads((out / "eval.json").read_text())
