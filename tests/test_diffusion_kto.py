@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 import diffusion_kto as dk
 from common.data import image_bytes
 from common.toy import png_bytes
+from test_hardening import assert_same_weights, kill_during_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 # A few toy steps on a slice of the data, no sample grids or reward samples: the runs below take seconds. The learning
@@ -251,44 +252,18 @@ def test_toy_run_raises_the_true_toy_reward(toy_run, world):
     assert json.loads((out / "args.json").read_text())["beta"] == 1000.0
 
 
-# Runs the script as __main__ and SIGKILLs it inside the write of checkpoint `kill_at`, half-way through its weights
-# file: the process dies with a half-written checkpoint on disk (tests/test_hardening.py does the same for the others).
-DRIVER = r"""
-import os, runpy, signal, sys
-import common.runtime as runtime
-script, kill_at = sys.argv[1], int(sys.argv[2])
-real_save_file = runtime.save_file
-def save_file(tensors, path):
-    if os.path.basename(os.path.dirname(path)) == f".tmp-step_{kill_at:07d}":
-        with open(path, "wb") as f:
-            f.write(b"half a safetensors file")
-        os.kill(os.getpid(), signal.SIGKILL)
-    real_save_file(tensors, path)
-runtime.save_file = save_file
-sys.argv = [script, *sys.argv[3:]]
-runpy.run_path(script, run_name="__main__")
-"""
-
-
 def test_kill9_lora_run_resumes_to_the_uninterrupted_result(tmp_path):
     flags = [*QUICK, "--lora-rank", "4", "--checkpoint-every", "1"]
     whole, cut, kill_at = tmp_path / "whole", tmp_path / "cut", random.randint(2, 5)
     dk.main(dk.parse_args([*flags, "--output-dir", str(whole)]))
-    proc = subprocess.run([sys.executable, "-c", DRIVER, "diffusion_kto.py", str(kill_at), *flags,
-                           "--output-dir", str(cut)], cwd=REPO, capture_output=True, text=True)
-    assert proc.returncode == -9, proc.stderr[-3000:]
-    assert (cut / "checkpoints" / "latest").read_text() == f"step_{kill_at - 1:07d}"
-    assert not (cut / "final").exists()
+    kill_during_checkpoint("diffusion_kto.py", kill_at, [*flags, "--output-dir", str(cut)], cut)  # test_hardening's
     dk.main(dk.parse_args([*flags, "--output-dir", str(cut), "--resume"]))
     a, b = metrics(whole), metrics(cut)
     assert a[0]["losses/loss"] == pytest.approx(0.5, abs=1e-6)  # LoRA starts at the reference (lora_B = 0)
     assert_same_rows(a, b, rel=1e-6, abs=1e-9, why=f"killed at step {kill_at}")
     assert json.loads((cut / "eval.json").read_text()) == json.loads((whole / "eval.json").read_text())
     lora = Path("final/lora/pytorch_lora_weights.safetensors")
-    wa, wb = load_file(whole / lora), load_file(cut / lora)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-8)
+    assert_same_weights(whole / lora, cut / lora)
 
 
 def test_two_processes_equal_one(tmp_path):
