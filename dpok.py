@@ -309,15 +309,6 @@ def validate(unet, ref_unet, vae, scorer, val_prompts, val_emb, sched, args, aut
     return images, scorer(images, val_prompts).float(), kl
 
 
-def gather(t: torch.Tensor, dist: runtime.Dist) -> torch.Tensor:
-    """Concatenate a tensor over ranks (rank order), e.g. rewards for batch statistics; collective."""
-    if dist.world_size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.world_size)]
-    tdist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -500,12 +491,12 @@ def main(args: Args) -> Path:
                                                           args.guidance_scale, noise, autocast)
         with torch.no_grad():
             rewards = scorer(chain.decode(vae, latents[-1]), batch_prompts).float().to(device) / reward_unit  # (N,)
-        all_rewards = gather(rewards, dist)
+        all_rewards = runtime.gather(rewards, dist)
         if it == 0 and args.advantage == "value":  # V starts at the mean reward, not 0: the first steps get centred
             with torch.no_grad():                   # advantages instead of A = r (a reward model's r may be ~30)
                 value_net.out.bias.fill_(all_rewards.mean().item())
         if args.advantage == "per-prompt":  # statistics over every rank's samples, so all ranks agree
-            all_prompts = [prompts[i] for i in gather(idx.to(device), dist).tolist()]
+            all_prompts = [prompts[i] for i in runtime.gather(idx.to(device), dist).tolist()]
             adv = per_prompt_advantages(all_rewards, all_prompts, history, args.stat_buffer, args.stat_min_count)
             adv = adv.reshape(dist.world_size, -1)[dist.rank]
         else:
@@ -597,7 +588,7 @@ def main(args: Args) -> Path:
         if done % args.checkpoint_every == 0 or done == args.steps:
             trainable = {n: p for n, p in unet.named_parameters() if p.requires_grad}
             shards = {f"{k}.rank{r}": v for k, v in buffer.items() for r, v in
-                      enumerate(gather(v, dist).chunk(dist.world_size))}
+                      enumerate(runtime.gather(v, dist).chunk(dist.world_size))}
             weights = {"policy": trainable, "value": value_net.state_dict(), "buffer": shards}
             extra = {"optimizer": optimizer.state_dict(), "value_optimizer": value_optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "history": history, "args": args, "base_model": args.model}

@@ -243,15 +243,6 @@ def null_text(model: str, family, tokenizers, text_encoders):
     return text
 
 
-def gather(t: torch.Tensor, dist: runtime.Dist) -> torch.Tensor:
-    """Concatenate a tensor over ranks (rank order); collective."""
-    if dist.world_size == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.world_size)]
-    tdist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -428,7 +419,7 @@ def main(args: Args) -> Path:
             rewards = torch.cat([scorer(chain.decode(vae, latents[-1][rows]), [batch_prompts[i] for i in rows])
                                  for rows in torch.arange(N).split(args.per_device_batch)]).float().to(device)  # (N,)
         adv = group_advantages(rewards, G, args.advantage_std, args.adv_clip_max)  # (N,) the groups are on this rank
-        all_rewards = gather(rewards, dist)
+        all_rewards = runtime.gather(rewards, dist)
         steps_of = trained_steps(N, T, args.timestep_fraction, gen).to(device)  # (N, K)
 
         # ---------------- 2. the policy: the clipped surrogate on K steps of every trajectory, in the sampled order

@@ -297,6 +297,10 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
     for seed in args.seeds:
         s, rm = ["--seed", str(seed)], out / f"rm-s{seed}" / "final"
         learned = ["--scorer", "reward-model", "--scorer-path", str(rm)] + clip
+        on_learned_reward = lambda script: run(script) + base + s + learned + [  # noqa: E731
+            "--prompts", str(files["train"]), "--validation-prompts", str(files["validation"])] + (
+            ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
+            if ci else [])
         arm = {
             "dpo": run("diffusion_dpo.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
                 ["--steps", "3", "--eval-pairs", "16", "--reward-seeds", "1"] if ci else
@@ -311,17 +315,13 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
                 "--data", "generated", "--reg", "kl", "--prompts", str(files["train"]),
                 "--generated-dir", str(out / f"sft_generated-s{seed}")] +
                 (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else []),
+            # the extra arms (--arms): GRPO and DRaFT-1 on replicate s's fitted reward as DPOK, KTO on DPO's data
+            "grpo": on_learned_reward("grpo.py"),
+            "draft": on_learned_reward("draft.py"),
+            "kto": run("diffusion_kto.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
+                ["--steps", "3", "--eval-images", "16", "--reward-seeds", "1"] if ci else
+                ["--eval-draws", "4"] if toy else []),
         }
-        arm["grpo"] = run("grpo.py") + base + s + learned + ["--prompts", str(files["train"]), "--validation-prompts",
-                                                             str(files["validation"])] + (
-            ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
-            if ci else [])
-        arm["draft"] = run("draft.py") + base + s + learned + ["--prompts", str(files["train"]), "--validation-prompts",
-                                                               str(files["validation"])] + (
-            ["--steps", "2", "--num-validation-prompts", "6", "--sample-every", "2", "--checkpoint-every", "2"]
-            if ci else [])
-        arm["kto"] = run("diffusion_kto.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
-            ["--steps", "3", "--eval-images", "16", "--reward-seeds", "1"] if ci else ["--eval-draws", "4"] if toy else [])
         for name, cmd in ((a, arm[a]) for a in args.arms):
             folder = out / f"{name}-s{seed}"
             steps.append(("training", f"{name} seed {seed}", cmd + ["--output-dir", str(folder)],

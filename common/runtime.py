@@ -90,6 +90,15 @@ def all_reduce_mean(tensor: torch.Tensor | float, dist: Dist) -> torch.Tensor:
     return t
 
 
+def gather(t: torch.Tensor, dist: Dist) -> torch.Tensor:
+    """Concatenate a tensor over ranks (rank order), e.g. rewards for batch statistics; collective."""
+    if dist.world_size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.world_size)]
+    tdist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 # ------------------------------------------------------------------------------------------------ seeding and RNG
 
 
