@@ -258,6 +258,35 @@ def real_scorer(name: Literal["hps", "imagereward"], work: Path, tiny: bool = Fa
     return scorers.ImageRewardScore(model, tokenizer, 64)
 
 
+# ---------------------------------------------------------------- running a script at the real shapes
+def run_measured(cmd: list[str], cwd: str | os.PathLike, kill_when: Path | None = None,
+                 timeout: float = 3600) -> tuple[int, str, float]:
+    """Run `cmd` in `cwd`, its output to a log file; SIGKILL it as soon as `kill_when` exists (a checkpoint written:
+    the kill -9 of a resume test), or after `timeout` s. Returns (exit status, output, peak RSS in GiB of that process
+    alone: os.wait4's rusage, so other processes on the machine do not count)."""
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as f:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if kill_when is not None and kill_when.exists():
+                time.sleep(1)  # let the checkpoint's atomic rename finish; the kill may land anywhere after it
+                proc.send_signal(signal.SIGKILL)
+                kill_when = None
+            if time.time() - t0 > timeout:
+                proc.kill()
+            time.sleep(0.5)
+        f.seek(0)
+        return os.waitstatus_to_exitcode(status), f.read(), usage.ru_maxrss / 2**20
+
+
 # ---------------------------------------------------------------- the data
 def _image(rng: np.random.Generator, width: int, height: int) -> "PIL.Image.Image":  # noqa: F821
     """A random smooth colour field with noise (JPEG-compressible like a photo, unlike white noise)."""

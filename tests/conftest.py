@@ -43,3 +43,14 @@ def toy_dpo_run(world, tmp_path_factory):
             subprocess.run([sys.executable, str(repo / "diffusion_dpo.py"), "--toy", "--output-dir", str(out),
                             "--overwrite"], check=True, cwd=repo)
     return out
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The real-shape tests' peak memory (record_property("peak memory", line)), in one section at the end of the log.
+    A property travels with its test's report, so the lines show under xdist too, where the workers' output does not."""
+    lines = [value for reports in terminalreporter.stats.values() for r in reports if getattr(r, "when", "") == "call"
+             for name, value in getattr(r, "user_properties", ()) if name == "peak memory"]
+    if lines:
+        terminalreporter.section("PEAK MEMORY")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -9,7 +9,7 @@ because of memory): Diffusion-DPO with LoRA on the real-shape SD1.5 is started, 
 checkpoint, resumed, finished; its printed load line loads the result and generates an image. The GPU command's dry
 run (benchmarks/gpu.py --dry-run). SDXL at its real shape takes a Diffusion-DPO step with LoRA and gradient
 checkpointing (on a GPU, or on a CPU with REAL_SHAPES_SDXL=1). Each run's peak memory (peak RSS of the process on a
-CPU) is printed in the test log. The resolution is 512 px where a GPU is present; on a CPU 128 px
+CPU) is printed in the test log's PEAK MEMORY section (tests/conftest.py). The resolution is 512 px where a GPU is present; on a CPU 128 px
 (`REAL_SHAPES_RESOLUTION` overrides): a LoRA step at 512 px needs 10 GiB and minutes on 2 CPU cores, too slow for
 CI (README, "Real shapes").
 
@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -100,32 +99,15 @@ def test_gpu_command_dry_run(tmp_path):
 
 
 # ---------------------------------------------------------------- slow: the scripts at the real shapes
-def run(cmd: list[str], kill_when: Path | None = None, timeout: float = 3600) -> tuple[int, str, float]:
-    """Run a command; SIGKILL it as soon as `kill_when` exists. Returns (exit status, output, peak RSS in GiB of
-    that process alone: os.wait4's rusage)."""
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"real_shapes_{os.getpid()}_{time.time_ns()}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        t0 = time.time()
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if kill_when is not None and kill_when.exists():
-                time.sleep(1)  # let the checkpoint's atomic rename finish; the kill may land anywhere after it
-                proc.send_signal(signal.SIGKILL)
-                kill_when = None
-            if time.time() - t0 > timeout:
-                proc.kill()
-            time.sleep(0.5)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, log.read_text(), usage.ru_maxrss / 2**20
+def run(cmd: list[str], kill_when: Path | None = None) -> tuple[int, str, float]:
+    return real_shapes.run_measured(cmd, REPO, kill_when)
 
 
-def report(capsys, what: str, peak_gib: float) -> None:
-    with capsys.disabled():
-        print(f"\nPEAK MEMORY {what}: {peak_gib:.2f} GiB (process peak RSS; device: "
-              f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'})", flush=True)
+def report(record_property, what: str, peak_gib: float) -> None:
+    """One line of the `PEAK MEMORY` section that tests/conftest.py prints at the end of the session (also under
+    xdist: the line travels with the test's report)."""
+    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    record_property("peak memory", f"{what}: {peak_gib:.2f} GiB (process peak RSS; device: {device})")
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +119,7 @@ def real(tmp_path_factory):
 
 
 @pytest.mark.real_shapes
-def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, capsys):
+def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, record_property):
     out = real / "run_dpo"
     flags = [sys.executable, "diffusion_dpo.py", "--model", str(real / "sd15"), "--dataset-source",
              str(real / "pickapic"), "--resolution", str(RES), "--lora-rank", "4", "--steps", "2", "--grad-accum", "1",
@@ -147,10 +129,10 @@ def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, capsys):
              "--output-dir", str(out)]
     code, log, peak = run([*flags, "--overwrite"], kill_when=out / "checkpoints" / "latest")
     assert code == -signal.SIGKILL, log[-3000:]
-    report(capsys, f"diffusion_dpo.py SD1.5 LoRA {RES} px (killed run)", peak)
+    report(record_property, f"diffusion_dpo.py SD1.5 LoRA {RES} px (killed run)", peak)
     code, log, peak = run([*flags, "--resume"])
     assert code == 0, log[-3000:]
-    report(capsys, f"diffusion_dpo.py SD1.5 LoRA {RES} px (resumed run)", peak)
+    report(record_property, f"diffusion_dpo.py SD1.5 LoRA {RES} px (resumed run)", peak)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if "losses/loss" in r]
     assert steps[-1] == 2 and 1 in steps
@@ -163,7 +145,7 @@ def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, capsys):
                            f"pipe('a cat wearing a tiny wizard hat', num_inference_steps=2, height={RES}, "
                            f"width={RES}).images[0].save({str(image)!r})"])
     assert code == 0, log[-3000:]
-    report(capsys, f"the printed load line + one {RES} px image", peak)
+    report(record_property, f"the printed load line + one {RES} px image", peak)
     from PIL import Image
 
     assert Image.open(image).size == (RES, RES)
@@ -173,7 +155,7 @@ def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, capsys):
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("REAL_SHAPES_SDXL")),
                     reason="SDXL at its real shape (128 px, one step) needs 12.6 GiB and over 10 minutes on 2 CPU "
                            "cores: on a CPU only with REAL_SHAPES_SDXL=1")
-def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, capsys):
+def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, record_property):
     res = int(os.environ.get("REAL_SHAPES_SDXL_RESOLUTION", 1024 if torch.cuda.is_available() else 128))
     real_shapes.pipeline("sdxl", tmp_path / "sdxl")
     real_shapes.pickapic(tmp_path / "pickapic", n=3, size=1024)
@@ -185,7 +167,7 @@ def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, capsys):
                            "--eval-pairs", "1", "--mixed-precision",
                            "no" if not torch.cuda.is_available() else "bf16", "--output-dir", str(out)])
     assert code == 0, log[-3000:]
-    report(capsys, f"diffusion_dpo.py SDXL LoRA + gradient checkpointing {res} px", peak)
+    report(record_property, f"diffusion_dpo.py SDXL LoRA + gradient checkpointing {res} px", peak)
     assert "StableDiffusionXLPipeline" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r.get("step") == 1 and "losses/loss" in r)
