@@ -382,10 +382,10 @@ def seed_tests(values: dict, metrics: list[str], alpha: float) -> list[dict]:
     return tests
 
 
-def verdict(tests: list[dict], metric: str, alpha: float) -> str:
-    """The sentence the primary test supports, and no more."""
+def verdict(tests: list[dict], metric: str, alpha: float, prompts: str = "test") -> str:
+    """The sentence the primary test supports, and no more. prompts: the set evaluate.py scored (--eval-prompts)."""
     t = next(t for t in tests if (t["a"], t["b"], t["metric"]) == PRIMARY + (metric,))
-    head = (f"On the primary endpoint ({metric} on the test prompts), Diffusion-DPO minus DPOK is {t['diff']:+.4g} "
+    head = (f"On the primary endpoint ({metric} on the {prompts} prompts), Diffusion-DPO minus DPOK is {t['diff']:+.4g} "
             f"[{t['ci'][0]:.4g}, {t['ci'][1]:.4g}] over {t['n']} replicates (Diffusion-DPO ahead in {t['a_wins']} of "
             f"{t['n']}; paired t-test p = {t['p']:.2g}, Holm-adjusted {t['p_holm']:.2g}): ")
     if not t["significant"]:
@@ -454,7 +454,7 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
              f"included) at α = {args.alpha:g}. Image-level numbers are descriptive only.", ""]
     if args.eval_prompts != "test":
         lines += ["**Evaluated on the validation prompts (tuning), not the test prompts: not a result.**", ""]
-    lines += [f"**Verdict.** {verdict(tests, first, args.alpha)}", "",
+    lines += [f"**Verdict.** {verdict(tests, first, args.alpha, args.eval_prompts)}", "",
               f"## 1. Seed-level tests (Holm-adjusted over all {len(tests)})", "",
               "Mean over replicates of A and B, the mean difference with its 95 % t-interval, in how many replicates "
               "A was ahead, the paired t-test p, Holm's p, and the smallest difference this many replicates detect "
