@@ -9,6 +9,7 @@ come; the shapes can. This module writes
     pipeline("sdxl", DIR)    stable-diffusion-xl-base-1.0's: + text_encoder_2/ tokenizer_2/
     pickapic(DIR, n)         Pick-a-Pic v2 rows: every column of the real parquet, 512 px JPEGs (one 768x512)
     imagereward(DIR, n)      ImageRewardDB: metadata-<split>.parquet and images/<split>/<split>_N.zip
+    scorer_files(NAME, DIR)  a scorer's weights as downloaded (HPS v2.1, ImageReward, PickScore, aesthetic, CLIP)
 
 so that every script loads them with `--model DIR` / `--dataset-source DIR` exactly as it loads the hub's. The
 configurations ship with the project (benchmarks/configs/<name>/, the published config.json files, written out);
@@ -28,6 +29,7 @@ CLIP's. SDXL's second tokenizer pads with "!" (id 0), as the published tokenizer
 
     python benchmarks/real_shapes.py --out /data/real --models sd15 sdxl      # both pipelines and the data
     python benchmarks/real_shapes.py --out /tmp/r --models sd15 --scale 0.25  # a shrunken SD1.5 (tests of this file)
+    python benchmarks/real_shapes.py --out /data/real --models --scorers hps imagereward pickscore aesthetic clip
 
 A pipeline takes 4.3 GB on disk (SD1.5) or 13.9 GB (SDXL, float32 as the published main files; --dtype float16
 halves it); building one takes about a minute.
@@ -408,7 +410,7 @@ def imagereward(root: str | os.PathLike, prompts: int = 4, images: int = 4, size
 # loading here checks our key maps (openclip_to_transformers, imagereward_to_transformers) against the official
 # layouts, not against themselves. The two CLIPModel folders are written by transformers' save_pretrained.
 # Building is cheap: tensors are allocated empty (a CLIPModel on the meta device, then to_empty) and filled by
-# `_random_fill`; all five take about a minute on one core and at most 4.4 GB of memory (the ViT-H/14 CLIPModel).
+# `_random_fill`: all five took 63 s on one core (measured under contention), 4.5 GiB peak RSS (the ViT-H/14 CLIPModel).
 ScorerFile = Literal["hps", "imagereward", "pickscore", "aesthetic", "clip"]
 # openai/clip-vit-large-patch14's config (quick_gelu): the `clip` scorer's and the aesthetic head's backbone
 CLIP_SHAPES["vit-l-14"] = dict(
@@ -424,7 +426,7 @@ BLIP_MED_CONFIG = {  # BLIP's configs/med_config.json, which THUDM/ImageReward s
 
 
 def scorer_paths(root: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
-    """Where `scorer_files` writes each scorer under `root`: name -> (its --scorer-paths PATH, its --clip-paths PATH)."""
+    """Where `scorer_files` writes each scorer under `root`: name -> (--scorer-paths PATH, --clip-paths PATH)."""
     root = Path(root)
     h14, l14 = root / "clip-vit-h-14-processor", root / "clip-vit-large-patch14"
     return {"hps": (root / "hps" / "HPS_v2.1_compressed.pt", h14),
@@ -452,7 +454,7 @@ def scorer_files(name: ScorerFile, root: str | os.PathLike, seed: int = 0) -> tu
         bert_tokenizer(clip_path)
     elif name in ("aesthetic", "clip"):
         if not (clip_path / "model.safetensors").is_file():
-            _clip_folder(clip_path, "vit-l-14", seed + 1, processor=True)
+            _clip_folder(clip_path, "vit-l-14", seed, processor=True)
         if name == "aesthetic":
             from collections import OrderedDict
 
@@ -507,10 +509,12 @@ def imagereward_shapes(width: int = 1024, layers: int = 24, patch: int = 16, ima
                              vis + "patch_embed.proj.bias": (width,)}
     for i in range(layers):  # timm-style Block: norm1, attn.qkv (bias), attn.proj, norm2, mlp.fc1/fc2
         p = f"{vis}blocks.{i}."
-        out |= {p + "norm1.weight": (width,), p + "norm1.bias": (width,), p + "attn.qkv.weight": (3 * width, width),
-                p + "attn.qkv.bias": (3 * width,), p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
-                p + "norm2.weight": (width,), p + "norm2.bias": (width,), p + "mlp.fc1.weight": (4 * width, width),
-                p + "mlp.fc1.bias": (4 * width,), p + "mlp.fc2.weight": (width, 4 * width), p + "mlp.fc2.bias": (width,)}
+        out |= {p + "norm1.weight": (width,), p + "norm1.bias": (width,),
+                p + "attn.qkv.weight": (3 * width, width), p + "attn.qkv.bias": (3 * width,),
+                p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
+                p + "norm2.weight": (width,), p + "norm2.bias": (width,),
+                p + "mlp.fc1.weight": (4 * width, width), p + "mlp.fc1.bias": (4 * width,),
+                p + "mlp.fc2.weight": (width, 4 * width), p + "mlp.fc2.bias": (width,)}
     out |= {vis + "norm.weight": (width,), vis + "norm.bias": (width,)}
     h, ff = c["hidden_size"], c["intermediate_size"]
     out |= {txt + "embeddings.position_ids": (1, c["max_position_embeddings"]),  # med.py: a persistent buffer
@@ -561,7 +565,7 @@ def _random_state(shapes: dict[str, tuple], seed: int, dtype: torch.dtype) -> di
     state = {}
     for name, shape in shapes.items():
         t = torch.empty(shape, dtype=torch.int64 if name.endswith("position_ids") else torch.float32)
-        _random_fill([(name, t)], seed + len(state))  # a generator per tensor: the same values whatever the order
+        _random_fill([(name, t)], seed + len(state))  # a generator per tensor, seeded by its index
         state[name] = t if not t.is_floating_point() else t.to(dtype)
     return state
 
@@ -600,7 +604,7 @@ class Args:
     """pipelines to build (`--models` alone: none)"""
     scorers: tuple[ScorerFile, ...] = ()
     """scorers whose files to write into <out>/scorers/, at the real architectures with random weights (`scorer_files`;
-    all five: hps imagereward pickscore aesthetic clip, 11.4 GB); prints evaluate.py's flags for them"""
+    all five: hps imagereward pickscore aesthetic clip, 9.4 GB); prints evaluate.py's flags for them"""
     seed: int = 0
     """seed of the random weights and the data"""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"

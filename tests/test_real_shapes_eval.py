@@ -4,7 +4,7 @@ weights (benchmarks/real_shapes.py `scorer_files`), each read by common/scorers.
 Quick test (in the default `pytest`): HPS's file in OpenCLIP's layout at a tiny shape loads through load_scorer.
 
 Slow test (marked `real_shapes`, run alone: one process of GiBs at a time): `benchmarks/real_shapes.py --models sd15
---scorers hps imagereward pickscore aesthetic clip` writes the real-shape SD1.5 and the five scorers' files (11.4 GB);
+--scorers hps imagereward pickscore aesthetic clip` writes the real-shape SD1.5 and the five scorers' files (9.4 GB);
 evaluate.py samples 2 prompts x 1 image from it and a shrunken copy (evaluate.py compares at least two models), then
 scores those images once per scorer, one process each, so each scorer's peak RSS is its own line in the log's PEAK
 MEMORY section (tests/conftest.py). 128 px with 2 DDIM steps on a CPU (`REAL_SHAPES_RESOLUTION`), as
