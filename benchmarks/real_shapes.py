@@ -9,6 +9,7 @@ come; the shapes can. This module writes
     pipeline("sdxl", DIR)    stable-diffusion-xl-base-1.0's: + text_encoder_2/ tokenizer_2/
     pickapic(DIR, n)         Pick-a-Pic v2 rows: every column of the real parquet, 512 px JPEGs (one 768x512)
     imagereward(DIR, n)      ImageRewardDB: metadata-<split>.parquet and images/<split>/<split>_N.zip
+    scorer_files(NAME, DIR)  a scorer's weights as downloaded (HPS v2.1, ImageReward, PickScore, aesthetic, CLIP)
 
 so that every script loads them with `--model DIR` / `--dataset-source DIR` exactly as it loads the hub's. The
 configurations ship with the project (benchmarks/configs/<name>/, the published config.json files, written out);
@@ -28,6 +29,7 @@ CLIP's. SDXL's second tokenizer pads with "!" (id 0), as the published tokenizer
 
     python benchmarks/real_shapes.py --out /data/real --models sd15 sdxl      # both pipelines and the data
     python benchmarks/real_shapes.py --out /tmp/r --models sd15 --scale 0.25  # a shrunken SD1.5 (tests of this file)
+    python benchmarks/real_shapes.py --out /data/real --models --scorers hps imagereward pickscore aesthetic clip
 
 A pipeline takes 4.3 GB on disk (SD1.5) or 13.9 GB (SDXL, float32 as the published main files; --dtype float16
 halves it); building one takes about a minute.
@@ -36,6 +38,7 @@ halves it); building one takes about a minute.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import shutil
@@ -381,13 +384,227 @@ def imagereward(root: str | os.PathLike, prompts: int = 4, images: int = 4, size
     return root
 
 
+# ---------------------------------------------------------------- the scorers' files
+# Each scorer's weights in the layout its download has, at the real architecture with random weights (seeded), so
+# `load_scorer` (evaluate.py --scorer-paths NAME=PATH --clip-paths NAME=PATH) reads them as it reads the real ones:
+#
+#   name         files (under the folder passed to scorer_files)                  parameters   on disk, dtype
+#   hps          hps/HPS_v2.1_compressed.pt: {"state_dict": OpenCLIP ViT-H/14}    986,109,441  1.97 GB float16
+#                + clip-vit-h-14-processor/ (laion's CLIP-ViT-H-14 processor)
+#   pickscore    pickscore/: a CLIPModel ViT-H/14 (config.json, model.safetensors) 986,109,441  3.94 GB float32
+#                + clip-vit-h-14-processor/
+#   imagereward  imagereward/ImageReward.pt (BLIP ViT-L/16 + BERT-base with        446,665,953  1.79 GB float32
+#                cross-attention + the MLP) and med_config.json; + bert-base-uncased/ (bert_tokenizer)
+#   aesthetic    aesthetic/sac+logos+ava1-l14-linearMSE.pth (768-d input)          927,969      3.7 MB float32
+#                + clip-vit-large-patch14/
+#   clip         clip-vit-large-patch14/: CLIP ViT-L/14 with its processor         427,616,513  1.71 GB float32
+#
+# The dtypes are the published files' (HPS v2.1's 1.9 GB "compressed" checkpoint is float16; the others float32).
+# The .pt/.pth files are what the real ones are: torch.save of a plain dict of tensors (the aesthetic head's an
+# OrderedDict), so torch.load(weights_only=True) reads them; never a pickled module. Their key names follow the
+# official code, not our loaders: OpenCLIP's `CLIP` as HPS v2 vendors it (hpsv2/src/open_clip/model.py,
+# transformer.py, model_configs/ViT-H-14.json), ImageReward's `ImageReward` module (ImageReward/ImageReward.py,
+# models/BLIP/blip_pretrain.py, vit.py, med.py: `blip.visual_encoder.*`, `blip.text_encoder.*` with med.py's
+# persistent position_ids, `blip.vision_proj`/`text_proj`, `mlp.layers.*`), and the aesthetic predictor's MLP
+# (improved-aesthetic-predictor/simple_inference.py; the released .pth holds layers.0/2/4/6/7, float32). So a file
+# loading here checks our key maps (openclip_to_transformers, imagereward_to_transformers) against the official
+# layouts, not against themselves. The two CLIPModel folders are written by transformers' save_pretrained.
+# Building is cheap: tensors are allocated empty (a CLIPModel on the meta device, then to_empty) and filled by
+# `_random_fill`: all five took 63 s on one core (measured under contention), 4.5 GiB peak RSS (the ViT-H/14 CLIPModel).
+ScorerFile = Literal["hps", "imagereward", "pickscore", "aesthetic", "clip"]
+# openai/clip-vit-large-patch14's config (quick_gelu): the `clip` scorer's and the aesthetic head's backbone
+CLIP_SHAPES["vit-l-14"] = dict(
+    text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14,
+                image_size=224), projection_dim=768, act="quick_gelu")
+BLIP_MED_CONFIG = {  # BLIP's configs/med_config.json, which THUDM/ImageReward ships as med_config.json
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+    "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 30524, "encoder_width": 768,
+    "add_cross_attention": True}
+
+
+def scorer_paths(root: str | os.PathLike) -> dict[str, tuple[Path, Path]]:
+    """Where `scorer_files` writes each scorer under `root`: name -> (--scorer-paths PATH, --clip-paths PATH)."""
+    root = Path(root)
+    h14, l14 = root / "clip-vit-h-14-processor", root / "clip-vit-large-patch14"
+    return {"hps": (root / "hps" / "HPS_v2.1_compressed.pt", h14),
+            "imagereward": (root / "imagereward", root / "bert-base-uncased"),
+            "pickscore": (root / "pickscore", h14),
+            "aesthetic": (root / "aesthetic" / "sac+logos+ava1-l14-linearMSE.pth", l14),
+            "clip": (l14, l14)}
+
+
+def scorer_files(name: ScorerFile, root: str | os.PathLike, seed: int = 0) -> tuple[Path, Path]:
+    """Write scorer `name`'s files under `root` (the table above; a file already there is kept, so scorers sharing a
+    backbone or processor write it once). Returns (PATH, CLIP_PATH) for evaluate.py's `--scorer-paths NAME=PATH
+    --clip-paths NAME=CLIP_PATH` (load_scorer's path=, clip_path=)."""
+    path, clip_path = scorer_paths(root)[name]
+    if name in ("hps", "pickscore") and not (clip_path / "preprocessor_config.json").is_file():
+        _clip_processor("vit-h-14").save_pretrained(clip_path)
+    if name == "hps":
+        _save_plain(path, {"state_dict": _random_state(openclip_shapes("vit-h-14"), seed, torch.float16)})
+    elif name == "pickscore":
+        _clip_folder(path, "vit-h-14", seed, processor=False)
+    elif name == "imagereward":
+        path.mkdir(parents=True, exist_ok=True)
+        _save_plain(path / "ImageReward.pt", _random_state(imagereward_shapes(), seed, torch.float32))
+        (path / "med_config.json").write_text(json.dumps(BLIP_MED_CONFIG, indent=2) + "\n")
+        bert_tokenizer(clip_path)
+    elif name in ("aesthetic", "clip"):
+        if not (clip_path / "model.safetensors").is_file():
+            _clip_folder(clip_path, "vit-l-14", seed, processor=True)
+        if name == "aesthetic":
+            from collections import OrderedDict
+
+            _save_plain(path, OrderedDict(_random_state(mlp_head_shapes("layers.", 768), seed, torch.float32)))
+    else:
+        raise ValueError(f"scorer {name!r}: expected one of hps, imagereward, pickscore, aesthetic, clip")
+    return path, clip_path
+
+
+def openclip_shapes(kind: str) -> dict[str, tuple[int, ...]]:
+    """OpenCLIP `CLIP`'s state dict, key -> shape, for CLIP_SHAPES[kind] (OpenAI CLIP's names, as HPS v2's file)."""
+    s = CLIP_SHAPES[kind]
+    v, t, e = s["vision"], s["text"], s["projection_dim"]
+    vw, tw, patch, grid = v["hidden_size"], t["hidden_size"], v["patch_size"], v["image_size"] // v["patch_size"]
+
+    def tower(prefix: str, width: int, mlp: int, layers: int) -> dict[str, tuple[int, ...]]:
+        out = {}
+        for i in range(layers):  # ResidualAttentionBlock: nn.MultiheadAttention (packed in_proj) + c_fc/c_proj MLP
+            p = f"{prefix}transformer.resblocks.{i}."
+            out |= {p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+                    p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
+                    p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+                    p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+                    p + "mlp.c_fc.weight": (mlp, width), p + "mlp.c_fc.bias": (mlp,),
+                    p + "mlp.c_proj.weight": (width, mlp), p + "mlp.c_proj.bias": (width,)}
+        return out
+
+    return {"positional_embedding": (77, tw), "text_projection": (tw, e), "logit_scale": (),
+            "visual.class_embedding": (vw,), "visual.positional_embedding": (grid * grid + 1, vw),
+            "visual.proj": (vw, e), "visual.conv1.weight": (vw, 3, patch, patch),
+            "visual.ln_pre.weight": (vw,), "visual.ln_pre.bias": (vw,),
+            **tower("visual.", vw, v["intermediate_size"], v["num_hidden_layers"]),
+            "visual.ln_post.weight": (vw,), "visual.ln_post.bias": (vw,),
+            **tower("", tw, t["intermediate_size"], t["num_hidden_layers"]),
+            "token_embedding.weight": (VOCAB_SIZE, tw), "ln_final.weight": (tw,), "ln_final.bias": (tw,)}
+
+
+def mlp_head_shapes(prefix: str, input_size: int) -> dict[str, tuple[int, ...]]:
+    """The aesthetic predictor's / ImageReward's MLP: Linear input -> 1024 -> 128 -> 64 -> 16 -> 1 at layers.0/2/4/6/7
+    (1, 3, 5 are dropouts)."""
+    dims, out = [input_size, 1024, 128, 64, 16, 1], {}
+    for i, (a, b) in zip((0, 2, 4, 6, 7), zip(dims[:-1], dims[1:])):
+        out |= {f"{prefix}{i}.weight": (b, a), f"{prefix}{i}.bias": (b,)}
+    return out
+
+
+def imagereward_shapes(width: int = 1024, layers: int = 24, patch: int = 16, image: int = 224) -> dict[str, tuple]:
+    """ImageReward v1.0's state dict, key -> shape: BLIP_Pretrain(vit='large', image_size=224) + MLP(768)."""
+    vis, txt, grid, c = "blip.visual_encoder.", "blip.text_encoder.", image // patch, BLIP_MED_CONFIG
+    out: dict[str, tuple] = {vis + "cls_token": (1, 1, width), vis + "pos_embed": (1, grid * grid + 1, width),
+                             vis + "patch_embed.proj.weight": (width, 3, patch, patch),
+                             vis + "patch_embed.proj.bias": (width,)}
+    for i in range(layers):  # timm-style Block: norm1, attn.qkv (bias), attn.proj, norm2, mlp.fc1/fc2
+        p = f"{vis}blocks.{i}."
+        out |= {p + "norm1.weight": (width,), p + "norm1.bias": (width,),
+                p + "attn.qkv.weight": (3 * width, width), p + "attn.qkv.bias": (3 * width,),
+                p + "attn.proj.weight": (width, width), p + "attn.proj.bias": (width,),
+                p + "norm2.weight": (width,), p + "norm2.bias": (width,),
+                p + "mlp.fc1.weight": (4 * width, width), p + "mlp.fc1.bias": (4 * width,),
+                p + "mlp.fc2.weight": (width, 4 * width), p + "mlp.fc2.bias": (width,)}
+    out |= {vis + "norm.weight": (width,), vis + "norm.bias": (width,)}
+    h, ff = c["hidden_size"], c["intermediate_size"]
+    out |= {txt + "embeddings.position_ids": (1, c["max_position_embeddings"]),  # med.py: a persistent buffer
+            txt + "embeddings.word_embeddings.weight": (c["vocab_size"], h),
+            txt + "embeddings.position_embeddings.weight": (c["max_position_embeddings"], h),
+            txt + "embeddings.LayerNorm.weight": (h,), txt + "embeddings.LayerNorm.bias": (h,)}
+    for i in range(c["num_hidden_layers"]):  # med.py BertLayer: self-attention, cross-attention to the ViT, FFN
+        p = f"{txt}encoder.layer.{i}."
+        for att, kv in (("attention", h), ("crossattention", width)):  # cross: key/value read the image's width
+            out |= {f"{p}{att}.self.query.weight": (h, h), f"{p}{att}.self.query.bias": (h,),
+                    f"{p}{att}.self.key.weight": (h, kv), f"{p}{att}.self.key.bias": (h,),
+                    f"{p}{att}.self.value.weight": (h, kv), f"{p}{att}.self.value.bias": (h,),
+                    f"{p}{att}.output.dense.weight": (h, h), f"{p}{att}.output.dense.bias": (h,),
+                    f"{p}{att}.output.LayerNorm.weight": (h,), f"{p}{att}.output.LayerNorm.bias": (h,)}
+        out |= {p + "intermediate.dense.weight": (ff, h), p + "intermediate.dense.bias": (ff,),
+                p + "output.dense.weight": (h, ff), p + "output.dense.bias": (h,),
+                p + "output.LayerNorm.weight": (h,), p + "output.LayerNorm.bias": (h,)}
+    out |= {"blip.vision_proj.weight": (256, width), "blip.vision_proj.bias": (256,),  # BLIP_Pretrain's embed_dim 256
+            "blip.text_proj.weight": (256, h), "blip.text_proj.bias": (256,)}
+    return out | mlp_head_shapes("mlp.layers.", h)
+
+
+def _random_fill(tensors, seed: int) -> None:
+    """Fill (name, tensor) pairs in place, seeded, as the libraries initialise: LayerNorm weights 1, biases 0,
+    logit_scale ln(1/0.07) (CLIP's), integer buffers (position ids) 0..n-1, every other tensor uniform with std 0.02
+    (transformers' initializer_range; uniform because it draws twice as fast as normal: ~8 s for ViT-H/14 on a core)."""
+    import math
+    import re
+
+    g, a = torch.Generator().manual_seed(seed), 0.02 * 3**0.5
+    with torch.no_grad():
+        for name, t in tensors:
+            if not t.is_floating_point():
+                t.copy_(torch.arange(t.shape[-1]).expand_as(t))
+            elif name.endswith("logit_scale"):
+                t.fill_(math.log(1 / 0.07))
+            elif name.endswith("bias"):
+                t.zero_()
+            elif t.ndim == 1 and re.search(r"(norm\w*|ln_\w*|LayerNorm)\.weight$", name):
+                t.fill_(1.0)
+            else:
+                t.uniform_(-a, a, generator=g)
+
+
+def _random_state(shapes: dict[str, tuple], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A state dict of `shapes`, randomly filled (`_random_fill`) in float32 and stored in `dtype`, one tensor at a
+    time (peak memory: the dict in `dtype` plus its largest tensor in float32). position_ids stay int64."""
+    state = {}
+    for name, shape in shapes.items():
+        t = torch.empty(shape, dtype=torch.int64 if name.endswith("position_ids") else torch.float32)
+        _random_fill([(name, t)], seed + len(state))  # a generator per tensor, seeded by its index
+        state[name] = t if not t.is_floating_point() else t.to(dtype)
+    return state
+
+
+def _save_plain(file: Path, obj) -> None:
+    """torch.save of a dict of tensors (what the real .pt/.pth are; torch.load(weights_only=True) reads it)."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, file)
+
+
+def _clip_processor(kind: str):
+    """The CLIPProcessor (stand-in tokenizer, CLIP's image settings) that `_clip_model_and_processor` gives, alone."""
+    with torch.device("meta"):  # the model comes out empty and is dropped
+        return _clip_model_and_processor(kind)[1]
+
+
+def _clip_folder(folder: Path, kind: str, seed: int, processor: bool) -> None:
+    """A CLIPModel at CLIP_SHAPES[kind] saved with save_pretrained (float32 safetensors), built on the meta device and
+    filled by `_random_fill` (no second pass of transformers' own initialisation over ~1B values); + its processor."""
+    with torch.device("meta"):
+        model, proc = _clip_model_and_processor(kind)
+    model.to_empty(device="cpu")
+    _random_fill(itertools.chain(model.named_parameters(), model.named_buffers()), seed)
+    model.save_pretrained(folder)
+    if processor:
+        proc.save_pretrained(folder)
+
+
 # ---------------------------------------------------------------- command line
 @dataclass
 class Args:
     out: str
-    """folder to write into: <out>/<model>/ for each pipeline, <out>/pickapic/, <out>/imagereward/, <out>/prompts.txt"""
+    """folder to write into: <out>/<model>/ for each pipeline, <out>/pickapic/, <out>/imagereward/, <out>/prompts.txt,
+    <out>/scorers/"""
     models: tuple[Name, ...] = ("sd15",)
-    """pipelines to build"""
+    """pipelines to build (`--models` alone: none)"""
+    scorers: tuple[ScorerFile, ...] = ()
+    """scorers whose files to write into <out>/scorers/, at the real architectures with random weights (`scorer_files`;
+    all five: hps imagereward pickscore aesthetic clip, 9.4 GB); prints evaluate.py's flags for them"""
     seed: int = 0
     """seed of the random weights and the data"""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -408,6 +625,14 @@ def main(args: Args) -> None:
     imagereward(out / "imagereward", size=args.data_size, seed=args.seed)
     (out / "prompts.txt").write_text("\n".join(CAPTIONS) + "\n")
     print(f"data -> {out / 'pickapic'}, {out / 'imagereward'}, {out / 'prompts.txt'}")
+    flags = {}
+    for name in args.scorers:
+        print(f"writing the {name} scorer's files into {out / 'scorers'}", flush=True)
+        flags[name] = scorer_files(name, out / "scorers", args.seed)
+    if flags:
+        print("scorers -> evaluate.py --scorers " + " ".join(flags) + " \\\n    --scorer-paths "
+              + " ".join(f"{n}={p}" for n, (p, _) in flags.items()) + " \\\n    --clip-paths "
+              + " ".join(f"{n}={c}" for n, (_, c) in flags.items()))
 
 
 if __name__ == "__main__":
