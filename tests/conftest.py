@@ -45,6 +45,23 @@ def toy_dpo_run(world, tmp_path_factory):
     return out
 
 
+
+@pytest.fixture(scope="session")
+def real_sd15(tmp_path_factory):
+    """The real-shape SD1.5 pipeline (benchmarks/real_shapes.py: the published configs, random weights, 4.3 GB),
+    built once per test session for every real-shape test file; under pytest -n the workers share it through a file
+    lock, as toy_dpo_run. REAL_SHAPES.json is the last file pipeline() writes: a build cut short is redone."""
+    from filelock import FileLock
+
+    from benchmarks import real_shapes
+
+    root = tmp_path_factory.getbasetemp()
+    out = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "real_sd15"
+    with FileLock(str(out) + ".lock"):
+        if not (out / "REAL_SHAPES.json").exists():
+            real_shapes.pipeline("sd15", out)
+    return out
+
 def pytest_terminal_summary(terminalreporter):
     """The real-shape tests' peak memory (record_property("peak memory", line)), in one section at the end of the log.
     A property travels with its test's report, so the lines show under xdist too, where the workers' output does not."""

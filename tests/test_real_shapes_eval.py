@@ -3,12 +3,12 @@ weights (benchmarks/real_shapes.py `scorer_files`), each read by common/scorers.
 
 Quick test (in the default `pytest`): HPS's file in OpenCLIP's layout at a tiny shape loads through load_scorer.
 
-Slow test (marked `real_shapes`, run alone: one process of GiBs at a time): `benchmarks/real_shapes.py --models sd15
---scorers hps imagereward pickscore aesthetic clip` writes the real-shape SD1.5 and the five scorers' files (9.4 GB);
-evaluate.py samples 2 prompts x 1 image from it and a shrunken copy (evaluate.py compares at least two models), then
-scores those images once per scorer, one process each, so each scorer's peak RSS is its own line in the log's PEAK
-MEMORY section (tests/conftest.py). 128 px with 2 DDIM steps on a CPU (`REAL_SHAPES_RESOLUTION`), as
-tests/test_real_shapes.py.
+Slow test (marked `real_shapes`, run alone: one process of GiBs at a time): `benchmarks/real_shapes.py --models
+--scorers hps imagereward pickscore aesthetic clip` writes the five scorers' files (9.4 GB); evaluate.py samples 2
+prompts x 1 image from the real-shape SD1.5 (tests/conftest.py's real_sd15, built once for every real-shape file)
+and a shrunken copy (evaluate.py compares at least two models), then scores those images once per scorer, one
+process each, so each scorer's peak RSS is its own line in the log's PEAK MEMORY section (tests/conftest.py). 128 px
+with 2 DDIM steps on a CPU (`REAL_SHAPES_RESOLUTION`), as tests/test_real_shapes.py.
 
     python -m pytest tests/test_real_shapes_eval.py -m real_shapes -n 0
 """
@@ -60,18 +60,18 @@ def test_hps_file_in_openclips_layout_loads_at_a_tiny_shape(tmp_path):
 
 
 @pytest.mark.real_shapes
-def test_evaluate_with_every_scorer_at_its_real_architecture(tmp_path, record_property):
+def test_evaluate_with_every_scorer_at_its_real_architecture(real_sd15, tmp_path, record_property):
     run = lambda cmd: real_shapes.run_measured([str(c) for c in cmd], REPO)  # noqa: E731  (code, log, peak GiB)
-    code, log, peak = run([sys.executable, "benchmarks/real_shapes.py", "--out", tmp_path, "--models", "sd15",
+    code, log, peak = run([sys.executable, "benchmarks/real_shapes.py", "--out", tmp_path, "--models",
                            "--scorers", *SCORERS])
     assert code == 0, log[-3000:]
-    report(record_property, "benchmarks/real_shapes.py --models sd15 --scorers (all five)", peak)
+    report(record_property, "benchmarks/real_shapes.py --scorers (all five)", peak)
     real_shapes.pipeline("sd15", tmp_path / "sd15_small", scale=0.25)  # the second model: seconds to build
     # toy-world prompts, so the sampling run can score with the toy reward (no weights) and its peak is the sampling's
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a white background\na blue square on a black background\n")
     out = tmp_path / "eval"
-    flags = [sys.executable, "evaluate.py", "--model", tmp_path / "sd15", "--candidates",
+    flags = [sys.executable, "evaluate.py", "--model", real_sd15, "--candidates",
              f"small={tmp_path / 'sd15_small'}", "--prompts", prompts, "--images-per-prompt", "1", "--sample-steps",
              "2", "--resolution", RES, "--per-device-batch", "4", "--rating-pairs", "0", "--n-resamples", "1000",
              "--mixed-precision", "fp16" if torch.cuda.is_available() else "no", "--output-dir", out]
