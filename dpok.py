@@ -117,6 +117,9 @@ class Args:
     """η of DDIM; must be > 0 so every transition is a Gaussian with a density (official: 1.0)"""
     sample_batch: int = 10
     """prompts sampled per iteration per GPU, one image each (official g_batch_size: 10 single prompt, 6 multi)"""
+    resolution: int | None = None
+    """image side in pixels (None: the UNet's sample size × the VAE's factor, 512 for SD1.5, the official size); the
+    value net's input grows with its square"""
     # ---- policy and value updates
     buffer_size: int = 1000
     """replay buffer per GPU, in transitions; the oldest are dropped first (official: 1000)"""
@@ -291,9 +294,10 @@ def encode(prompts: list[str], tokenizer, text_encoder, device):
     return out.last_hidden_state, out.pooler_output
 
 
-def latent_shape(unet, n: int) -> tuple[int, int, int, int]:
-    """x_T's shape for n images: (n, 4, 64, 64) at SD1.5's 512 px."""
-    return n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size
+def latent_shape(unet, vae, resolution: int, n: int) -> tuple[int, int, int, int]:
+    """x_T's shape for n images of `resolution` px: (n, 4, 64, 64) at SD1.5's 512."""
+    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    return n, unet.config.in_channels, side, side
 
 
 @torch.no_grad()
@@ -302,8 +306,8 @@ def validate(unet, ref_unet, vae, scorer, val_prompts, val_emb, sched, args, aut
     runs and methods. Returns (images, rewards (K,), KL to p_pre (K,))."""
     gens = [torch.Generator().manual_seed(k) for k in range(len(val_prompts))]
     noise = lambda shape: torch.stack([torch.randn(shape[1:], generator=g) for g in gens]).to(device)  # noqa: E731
-    latents, _, kl = chain.sample_trajectories(unet, {"encoder_hidden_states": val_emb}, sched,
-                                               noise(latent_shape(unet, len(val_prompts))), args.eta,
+    x_T = noise(latent_shape(unet, vae, args.resolution, len(val_prompts)))  # (K, 4, h, w)
+    latents, _, kl = chain.sample_trajectories(unet, {"encoder_hidden_states": val_emb}, sched, x_T, args.eta,
                                                args.guidance_scale, noise, autocast, ref_unet, with_kl)
     images = chain.decode(vae, latents[-1])
     return images, scorer(images, val_prompts).float(), kl
@@ -346,6 +350,11 @@ def main(args: Args) -> Path:
             f"--scorer-path {args.scorer_path!r} does not exist (--scorer {args.scorer})")
     require(device.type == "cuda" or args.mixed_precision != "fp16", "--mixed-precision fp16 needs a GPU; use bf16, no")
     require(not args.resume or args.output_dir is not None, "--resume needs the --output-dir of the run to continue")
+    if args.resolution is None:  # the UNet's own size: its sample_size latents x the VAE's downsampling factor
+        vae_factor = 2 ** (len(AutoencoderKL.load_config(args.model, subfolder="vae")["block_out_channels"]) - 1)
+        side = UNet2DConditionModel.load_config(args.model, subfolder="unet")["sample_size"]
+        args = dataclasses.replace(args, resolution=side * vae_factor)
+    runtime.check_resolution(args.model, args.resolution)
     runtime.seed_everything(args.seed, dist.rank)
     if args.output_dir is None:  # rank 0's clock, so every rank writes to the same folder
         stamp = [time.strftime("%Y%m%d-%H%M%S")]
@@ -376,7 +385,7 @@ def main(args: Args) -> Path:
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
     text_dim = text_encoder.config.hidden_size
-    latent_dim = unet.config.in_channels * unet.config.sample_size**2
+    latent_dim = math.prod(latent_shape(unet, vae, args.resolution, 1))
     value_net = ValueNet(latent_dim + text_dim, T).to(device)
     # The official code passes adam_weight_decay=0 to the policy's AdamW and torch's default (0.01) to the value's.
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
@@ -440,7 +449,7 @@ def main(args: Args) -> Path:
     per_iter = args.sample_batch * T
     per_step = args.policy_batch * args.grad_accum * dist.world_size
     if dist.is_main:
-        print(f"DPOK: {dist.world_size} GPU(s) x {args.sample_batch} prompts x {T} steps = "
+        print(f"DPOK ({args.resolution} px): {dist.world_size} GPU(s) x {args.sample_batch} prompts x {T} steps = "
               f"{per_iter * dist.world_size} transitions sampled per iteration; buffer {args.buffer_size} per GPU "
               f"({args.buffer_size / per_iter:.1f} iterations)\n"
               f"policy: {args.policy_steps} steps/iteration x ({args.policy_batch} transitions x {args.grad_accum} "
@@ -486,8 +495,8 @@ def main(args: Args) -> Path:
         batch_prompts = [prompts[i] for i in idx.tolist()]
         noise = lambda shape: torch.randn(shape, generator=noise_gen, device=device)  # noqa: E731
         emb, pooled = embed(idx)
-        latents, log_probs, _ = chain.sample_trajectories(unet, {"encoder_hidden_states": emb}, sched,
-                                                          noise(latent_shape(unet, args.sample_batch)), args.eta,
+        x_T = noise(latent_shape(unet, vae, args.resolution, args.sample_batch))  # (N, 4, h, w)
+        latents, log_probs, _ = chain.sample_trajectories(unet, {"encoder_hidden_states": emb}, sched, x_T, args.eta,
                                                           args.guidance_scale, noise, autocast)
         with torch.no_grad():
             rewards = scorer(chain.decode(vae, latents[-1]), batch_prompts).float().to(device) / reward_unit  # (N,)
@@ -618,7 +627,7 @@ def main(args: Args) -> Path:
             pipe.unet = model
             with autocast:
                 images = pipe(val_prompts, num_inference_steps=args.sample_steps, eta=0.0, output_type="pt",
-                              guidance_scale=args.guidance_scale,
+                              guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                               generator=[torch.Generator().manual_seed(k) for k in range(len(val_prompts))]).images
             return scorer(images.float().to(device), val_prompts).float().cpu()
 

@@ -154,6 +154,21 @@ def test_lora_resume_continues_exactly_and_saves_loadable_lora(world, tmp_path):
     assert (tuned - base(x, t, emb).sample).abs().max() > 1e-4  # the LoRA did train
 
 
+def test_resolution_sets_the_trajectories_and_the_value_nets_input(world, tmp_path):
+    """--resolution 16 on the toy (its UNet's own size is 32 px, the VAE downsamples by 4): the replay buffer holds
+    4x4 latents and the value net reads 4·4·4 latent values plus the 32-dim pooled text embedding; a size the VAE
+    and the pipelines cannot take is refused, naming the flag."""
+    from common.runtime import load_checkpoint
+
+    small = run(tmp_path, "small", *TINY, "--steps", "2", "--resolution", "16")
+    _, weights, extra = load_checkpoint(small, script="dpok.py")
+    assert extra["args"]["resolution"] == 16
+    assert weights["buffer"]["x_t.rank0"].shape == (4 * 3, 4, 4, 4)  # sample batch × rollout steps
+    assert weights["value"]["layers.0.weight"].shape == (256, 4 * 4 * 4 + 32)
+    with pytest.raises(ValueError, match="--resolution 18"):
+        run(tmp_path, "odd", *TINY, "--steps", "2", "--resolution", "18")
+
+
 @pytest.fixture(scope="module")
 def toy_runs(world, tmp_path_factory):
     """`python dpok.py --toy` at the default β = 0.01 and at β = 1, otherwise identical (fewer grids and checkpoints:

@@ -5,9 +5,11 @@ Quick tests (in the default `pytest`): the shipped configs give the published pa
 tokenizer has CLIP's id layout, the real-layout data loads through common/data.py.
 
 Slow tests (marked `real_shapes`, deselected by pytest.ini; `.ci/run` runs them as a second step, one at a time
-because of memory): Diffusion-DPO with LoRA on the real-shape SD1.5 is started, SIGKILLed after its first
-checkpoint, resumed, finished; its printed load line loads the result and generates an image. The GPU command's dry
-run (benchmarks/gpu.py --dry-run). SDXL at its real shape takes a Diffusion-DPO step with LoRA and gradient
+because of memory): each training script (diffusion_dpo.py, sft.py, diffusion_kto.py, dpok.py, grpo.py, draft.py
+--method alignprop) with LoRA on the real-shape SD1.5 is started, SIGKILLed after its first checkpoint, resumed,
+finished; its printed load line loads the result and generates an image; first-step values known exactly are
+checked. The online methods score with a tiny random CLIP: the diffusion model is what is real here. The GPU
+command's dry run (benchmarks/gpu.py --dry-run). SDXL at its real shape takes a Diffusion-DPO step with LoRA and gradient
 checkpointing (on a GPU, or on a CPU with REAL_SHAPES_SDXL=1). Each run's peak memory (peak RSS of the process on a
 CPU) is printed in the test log's PEAK MEMORY section (tests/conftest.py). The resolution is 512 px where a GPU is present; on a CPU 128 px
 (`REAL_SHAPES_RESOLUTION` overrides): a LoRA step at 512 px needs 10 GiB and minutes on 2 CPU cores, too slow for
@@ -19,6 +21,7 @@ CI (README, "Real shapes").
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +118,9 @@ def real(tmp_path_factory):
     root = tmp_path_factory.mktemp("real")
     real_shapes.pipeline("sd15", root / "sd15")
     real_shapes.pickapic(root / "pickapic", n=6)
+    real_shapes.imagereward(root / "imagereward", prompts=2, images=3)
+    real_shapes.clip_scorer(root / "clip_tiny", kind="tiny")  # the online methods' reward: the UNet is what is real here
+    (root / "prompts.txt").write_text(real_shapes.CAPTIONS[2] + "\n")
     return root
 
 
@@ -149,6 +155,132 @@ def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, record_property
     from PIL import Image
 
     assert Image.open(image).size == (RES, RES)
+
+
+# ---------------------------------------------------------------- the other training scripts, the same cycle
+PRECISION = "bf16" if torch.cuda.is_available() else "no"
+RATIO_TOL = 1e-2 if torch.cuda.is_available() else 1e-3  # ρ recomputed in another batch layout: rounding only
+
+
+def training_rows(out: Path) -> dict[int, dict]:
+    """metrics.jsonl's training rows (those with losses/loss) by step."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "losses/loss" in r}
+
+
+def kill_resume_load_generate(record_property, name: str, cmd: list[str], out: Path) -> dict[int, dict]:
+    """The real-shape cycle of a training script run for 2 optimizer steps with a checkpoint every step: SIGKILLed
+    once its first checkpoint exists, resumed, finished; the load line it printed loads the result, which generates
+    one RES x RES image. Each process's peak RSS is reported. Returns the training rows of metrics.jsonl by step."""
+    code, log, peak = run([*cmd, "--output-dir", str(out), "--overwrite"], kill_when=out / "checkpoints" / "latest")
+    assert code == -signal.SIGKILL, log[-3000:]  # killed, not finished before the kill landed
+    report(record_property, f"{name} (killed run)", peak)
+    before = training_rows(out)
+    assert 1 in before and 2 not in before, sorted(before)
+    code, log, peak = run([*cmd, "--output-dir", str(out), "--resume"])
+    assert code == 0, log[-3000:]
+    report(record_property, f"{name} (resumed run)", peak)
+    rows = training_rows(out)
+    assert sorted(rows) == [1, 2]
+    assert rows[1] == before[1]  # step 1 from the killed run, step 2 from the resumed one (not a restart)
+    assert (out / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    printed = re.search(r"load (?:the result )?with:\n\s*(.+)", log)
+    assert printed, log[-3000:]
+    load = printed.group(1).strip()
+    assert str((out / "final" / "lora").resolve()) in load  # the result of this run, not another
+    image = out / "generated.png"
+    code, log, peak = run([sys.executable, "-c", f"{load}; pipe.set_progress_bar_config(disable=True); "
+                           f"pipe('a cat wearing a tiny wizard hat', num_inference_steps=1, height={RES}, "
+                           f"width={RES}).images[0].save({str(image)!r})"])
+    assert code == 0, log[-3000:]
+    report(record_property, f"{name}: the printed load line + one {RES} px image", peak)
+    from PIL import Image
+
+    assert Image.open(image).size == (RES, RES)
+    return rows
+
+
+@pytest.mark.real_shapes
+def test_sft_preferred_sd15_lora_kill_resume_load_generate(real, record_property):
+    """Diffusion-DPO's SFT baseline on the winners of the real-layout ImageRewardDB (zipped WebP images), with DPOK's
+    KL regulariser: at step 1 the LoRA's B = 0, so ε_θ = ε_pre exactly and the regulariser is 0."""
+    rows = kill_resume_load_generate(record_property, f"sft.py --data preferred SD1.5 LoRA {RES} px", [
+        sys.executable, "sft.py", "--data", "preferred", "--dataset", "imagereward", "--dataset-source",
+        str(real / "imagereward"), "--scorer", "none", "--model", str(real / "sd15"), "--resolution", str(RES),
+        "--lora-rank", "4", "--reg", "kl", "--steps", "2", "--per-device-batch", "1", "--grad-accum", "1",
+        "--num-workers", "0", "--warmup-steps", "0", "--log-every", "1", "--checkpoint-every", "1",
+        "--num-validation-prompts", "0", "--mixed-precision", PRECISION], real / "run_sft")
+    assert rows[1]["losses/reg"] == 0.0
+    assert rows[1]["losses/loss"] == pytest.approx(rows[1]["losses/mse"], rel=1e-6)  # w = 1, R = 0
+    assert rows[1]["charts/grad_norm"] > 0
+
+
+@pytest.mark.real_shapes
+def test_diffusion_kto_sd15_lora_kill_resume_load_generate(real, record_property):
+    """Pick-a-Pic pairs split into liked and disliked images. At step 1 θ = ref (LoRA B = 0): every implicit reward
+    is 0, so is the reference point, and the loss is λ_y·(1 − σ(0)) = 0.5 at λ_D = λ_U = 1."""
+    rows = kill_resume_load_generate(record_property, f"diffusion_kto.py SD1.5 LoRA {RES} px", [
+        sys.executable, "diffusion_kto.py", "--model", str(real / "sd15"), "--dataset", "pickapic",
+        "--dataset-source", str(real / "pickapic"), "--resolution", str(RES), "--lora-rank", "4", "--steps", "2",
+        "--per-device-batch", "1", "--grad-accum", "1", "--num-workers", "0", "--warmup-steps", "0",
+        "--log-every", "1", "--checkpoint-every", "1", "--num-validation-prompts", "0", "--eval-images", "2",
+        "--mixed-precision", PRECISION], real / "run_kto")
+    assert rows[1]["losses/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert rows[1]["rewards/mean"] == 0.0 and rows[1]["rewards/reference_point"] == 0.0
+    assert rows[1]["charts/grad_norm"] > 0  # ∂L/∂r = ∓λ·σ'(0) at r = 0: the LoRA is pushed even at θ = ref
+
+
+@pytest.mark.real_shapes
+def test_dpok_sd15_lora_kill_resume_load_generate(real, record_property):
+    """One prompt, one trajectory of one DDIM step per iteration, a buffer of exactly that transition, one policy
+    step on it: ρ = 1 (θ = θ_old), and at step 1 the KL to the base is 0 (LoRA B = 0)."""
+    rows = kill_resume_load_generate(record_property, f"dpok.py SD1.5 LoRA {RES} px", [
+        sys.executable, "dpok.py", "--model", str(real / "sd15"), "--resolution", str(RES),
+        "--prompt", real_shapes.CAPTIONS[2], "--scorer", "pickscore", "--scorer-path", str(real / "clip_tiny"),
+        "--clip-path", str(real / "clip_tiny"),
+        "--lora-rank", "4", "--rollout-steps", "1", "--sample-batch", "1", "--buffer-size", "1", "--policy-steps", "1",
+        "--policy-batch", "1", "--grad-accum", "1", "--value-steps", "1", "--value-batch", "1", "--steps", "2",
+        "--checkpoint-every", "1", "--sample-every", "2", "--num-validation-prompts", "1", "--reward-scale", "none",
+        "--sample-steps", "1", "--mixed-precision", PRECISION], real / "run_dpok")
+    assert rows[1]["losses/kl"] == 0.0
+    for step in (1, 2):
+        assert abs(rows[step]["charts/ratio"] - 1) < RATIO_TOL, rows[step]
+        assert rows[step]["charts/grad_norm"] > 0  # the advantage r − V is not 0: the LoRA gets a gradient
+
+
+@pytest.mark.real_shapes
+def test_grpo_sd15_lora_kill_resume_load_generate(real, record_property):
+    """One prompt, a group of 2 trajectories of 2 DDIM steps, one optimizer step per iteration: ρ = 1 before the
+    update (charts/first_ratio, DanceGRPO's own check), and the group's advantages are ±1/√2, so the policy loss
+    mean(−A·ρ) is 0."""
+    rows = kill_resume_load_generate(record_property, f"grpo.py SD1.5 LoRA {RES} px", [
+        sys.executable, "grpo.py", "--model", str(real / "sd15"), "--resolution", str(RES),
+        "--prompts", str(real / "prompts.txt"), "--scorer", "pickscore", "--scorer-path", str(real / "clip_tiny"),
+        "--clip-path", str(real / "clip_tiny"),
+        "--lora-rank", "4", "--group-size", "2", "--sample-batch", "1", "--rollout-steps", "2",
+        "--per-device-batch", "2", "--grad-accum", "1", "--steps", "2", "--checkpoint-every", "1",
+        "--sample-every", "2", "--num-validation-prompts", "1", "--sample-steps", "1",
+        "--mixed-precision", PRECISION], real / "run_grpo")
+    for step in (1, 2):
+        assert rows[step]["rewards/group_std"] > 0 and rows[step]["charts/grad_norm"] > 0  # a group that teaches
+        assert abs(rows[step]["charts/first_ratio"] - 1) < RATIO_TOL, rows[step]
+        assert abs(rows[step]["losses/policy_loss"]) < RATIO_TOL, rows[step]
+
+
+@pytest.mark.real_shapes
+def test_alignprop_sd15_lora_kill_resume_load_generate(real, record_property):
+    """draft.py --method alignprop: the reward's gradient through the last K ~ U{1, 2} of 2 DDIM steps and the
+    VAE decoder (K drawn from the RNG stream the checkpoint restores); loss = λ·(−r), λ = 0.01."""
+    rows = kill_resume_load_generate(record_property, f"draft.py --method alignprop SD1.5 LoRA {RES} px", [
+        sys.executable, "draft.py", "--method", "alignprop", "--model", str(real / "sd15"), "--resolution", str(RES),
+        "--prompts", str(real / "prompts.txt"), "--scorer", "clip-raw", "--scorer-path", str(real / "clip_tiny"),
+        "--clip-score-model", str(real / "clip_tiny"), "--lora-rank", "4", "--rollout-steps", "2",
+        "--random-backprop", "1", "2", "--per-device-batch", "1", "--grad-accum", "1", "--steps", "2",
+        "--checkpoint-every", "1", "--sample-every", "2", "--num-validation-prompts", "1", "--sample-steps", "1",
+        "--mixed-precision", PRECISION], real / "run_alignprop")
+    for step in (1, 2):
+        assert rows[step]["charts/window_steps"] in (1, 2) and rows[step]["charts/grad_norm"] > 0
+        assert rows[step]["losses/loss"] == pytest.approx(-0.01 * rows[step]["rewards/mean"], rel=1e-5)
 
 
 @pytest.mark.real_shapes
