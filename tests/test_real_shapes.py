@@ -114,9 +114,9 @@ def report(record_property, what: str, peak_gib: float) -> None:
 
 
 @pytest.fixture(scope="module")
-def real(tmp_path_factory):
+def real(tmp_path_factory, real_sd15):
     root = tmp_path_factory.mktemp("real")
-    real_shapes.pipeline("sd15", root / "sd15")
+    (root / "sd15").symlink_to(real_sd15, target_is_directory=True)  # conftest's one build per session (4.3 GB)
     real_shapes.pickapic(root / "pickapic", n=6)
     real_shapes.imagereward(root / "imagereward", prompts=2, images=3)
     real_shapes.clip_scorer(root / "clip_tiny", kind="tiny")  # the online methods' reward: the UNet is what is real here
