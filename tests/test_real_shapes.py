@@ -126,38 +126,16 @@ def real(tmp_path_factory, real_sd15):
 
 @pytest.mark.real_shapes
 def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, record_property):
-    out = real / "run_dpo"
-    flags = [sys.executable, "diffusion_dpo.py", "--model", str(real / "sd15"), "--dataset-source",
-             str(real / "pickapic"), "--resolution", str(RES), "--lora-rank", "4", "--steps", "2", "--grad-accum", "1",
-             "--per-device-batch", "1", "--num-workers", "0", "--warmup-steps", "0", "--log-every", "1",
-             "--checkpoint-every", "1", "--num-validation-prompts", "0", "--eval-pairs", "1", "--mixed-precision",
-             "no" if not torch.cuda.is_available() else "bf16",
-             "--output-dir", str(out)]
-    code, log, peak = run([*flags, "--overwrite"], kill_when=out / "checkpoints" / "latest")
-    assert code == -signal.SIGKILL, log[-3000:]
-    report(record_property, f"diffusion_dpo.py SD1.5 LoRA {RES} px (killed run)", peak)
-    code, log, peak = run([*flags, "--resume"])
-    assert code == 0, log[-3000:]
-    report(record_property, f"diffusion_dpo.py SD1.5 LoRA {RES} px (resumed run)", peak)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if "losses/loss" in r]
-    assert steps[-1] == 2 and 1 in steps
-    first = next(r for r in rows if r.get("step") == 1 and "losses/loss" in r)
-    assert abs(first["losses/loss"] - math.log(2)) < 1e-3  # θ = ref at step 1 (LoRA B = 0): −log σ(0)
-    assert (out / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    load = log.split("load the result with:")[1].strip().splitlines()[0]
-    image = out / "generated.png"
-    code, log, peak = run([sys.executable, "-c", f"{load}; pipe.set_progress_bar_config(disable=True); "
-                           f"pipe('a cat wearing a tiny wizard hat', num_inference_steps=2, height={RES}, "
-                           f"width={RES}).images[0].save({str(image)!r})"])
-    assert code == 0, log[-3000:]
-    report(record_property, f"the printed load line + one {RES} px image", peak)
-    from PIL import Image
-
-    assert Image.open(image).size == (RES, RES)
+    """Pick-a-Pic pairs at 512 px resized to RES; at step 1 θ = ref (LoRA B = 0), so the loss is −log σ(0) = log 2."""
+    rows = kill_resume_load_generate(record_property, f"diffusion_dpo.py SD1.5 LoRA {RES} px", [
+        sys.executable, "diffusion_dpo.py", "--model", str(real / "sd15"), "--dataset-source", str(real / "pickapic"),
+        "--resolution", str(RES), "--lora-rank", "4", "--steps", "2", "--grad-accum", "1", "--per-device-batch", "1",
+        "--num-workers", "0", "--warmup-steps", "0", "--log-every", "1", "--checkpoint-every", "1",
+        "--num-validation-prompts", "0", "--eval-pairs", "1", "--mixed-precision", PRECISION], real / "run_dpo")
+    assert abs(rows[1]["losses/loss"] - math.log(2)) < 1e-3
 
 
-# ---------------------------------------------------------------- the other training scripts, the same cycle
+# ---------------------------------------------------------------- every training script, the same cycle
 PRECISION = "bf16" if torch.cuda.is_available() else "no"
 RATIO_TOL = 1e-2 if torch.cuda.is_available() else 1e-3  # ρ recomputed in another batch layout: rounding only
 
