@@ -62,6 +62,20 @@ def real_sd15(tmp_path_factory):
             real_shapes.pipeline("sd15", out)
     return out
 
+
+@pytest.fixture
+def peak_memory(record_property):
+    """peak_memory(what, gib): one line of the PEAK MEMORY section pytest_terminal_summary prints (a real-shape run's
+    process peak RSS, from benchmarks/real_shapes.run_measured)."""
+    import torch
+
+    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+    def report(what: str, peak_gib: float) -> None:
+        record_property("peak memory", f"{what}: {peak_gib:.2f} GiB (process peak RSS; device: {device})")
+
+    return report
+
 def pytest_terminal_summary(terminalreporter):
     """The real-shape tests' peak memory (record_property("peak memory", line)), in one section at the end of the log.
     A property travels with its test's report, so the lines show under xdist too, where the workers' output does not."""

@@ -106,13 +106,6 @@ def run(cmd: list[str], kill_when: Path | None = None) -> tuple[int, str, float]
     return real_shapes.run_measured(cmd, REPO, kill_when)
 
 
-def report(record_property, what: str, peak_gib: float) -> None:
-    """One line of the `PEAK MEMORY` section that tests/conftest.py prints at the end of the session (also under
-    xdist: the line travels with the test's report)."""
-    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    record_property("peak memory", f"{what}: {peak_gib:.2f} GiB (process peak RSS; device: {device})")
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory, real_sd15):
     root = tmp_path_factory.mktemp("real")
@@ -125,9 +118,9 @@ def real(tmp_path_factory, real_sd15):
 
 
 @pytest.mark.real_shapes
-def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, record_property):
+def test_diffusion_dpo_sd15_lora_kill_resume_load_generate(real, peak_memory):
     """Pick-a-Pic pairs at 512 px resized to RES; at step 1 θ = ref (LoRA B = 0), so the loss is −log σ(0) = log 2."""
-    rows = kill_resume_load_generate(record_property, f"diffusion_dpo.py SD1.5 LoRA {RES} px", [
+    rows = kill_resume_load_generate(peak_memory, f"diffusion_dpo.py SD1.5 LoRA {RES} px", [
         sys.executable, "diffusion_dpo.py", "--model", str(real / "sd15"), "--dataset-source", str(real / "pickapic"),
         "--resolution", str(RES), "--lora-rank", "4", "--steps", "2", "--grad-accum", "1", "--per-device-batch", "1",
         "--num-workers", "0", "--warmup-steps", "0", "--log-every", "1", "--checkpoint-every", "1",
@@ -146,18 +139,18 @@ def training_rows(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in rows if "losses/loss" in r}
 
 
-def kill_resume_load_generate(record_property, name: str, cmd: list[str], out: Path) -> dict[int, dict]:
+def kill_resume_load_generate(peak_memory, name: str, cmd: list[str], out: Path) -> dict[int, dict]:
     """The real-shape cycle of a training script run for 2 optimizer steps with a checkpoint every step: SIGKILLed
     once its first checkpoint exists, resumed, finished; the load line it printed loads the result, which generates
     one RES x RES image. Each process's peak RSS is reported. Returns the training rows of metrics.jsonl by step."""
     code, log, peak = run([*cmd, "--output-dir", str(out), "--overwrite"], kill_when=out / "checkpoints" / "latest")
     assert code == -signal.SIGKILL, log[-3000:]  # killed, not finished before the kill landed
-    report(record_property, f"{name} (killed run)", peak)
+    peak_memory(f"{name} (killed run)", peak)
     before = training_rows(out)
     assert 1 in before and 2 not in before, sorted(before)
     code, log, peak = run([*cmd, "--output-dir", str(out), "--resume"])
     assert code == 0, log[-3000:]
-    report(record_property, f"{name} (resumed run)", peak)
+    peak_memory(f"{name} (resumed run)", peak)
     rows = training_rows(out)
     assert sorted(rows) == [1, 2]
     assert rows[1] == before[1]  # step 1 from the killed run, step 2 from the resumed one (not a restart)
@@ -171,7 +164,7 @@ def kill_resume_load_generate(record_property, name: str, cmd: list[str], out: P
                            f"pipe('a cat wearing a tiny wizard hat', num_inference_steps=1, height={RES}, "
                            f"width={RES}).images[0].save({str(image)!r})"])
     assert code == 0, log[-3000:]
-    report(record_property, f"{name}: the printed load line + one {RES} px image", peak)
+    peak_memory(f"{name}: the printed load line + one {RES} px image", peak)
     from PIL import Image
 
     assert Image.open(image).size == (RES, RES)
@@ -179,10 +172,10 @@ def kill_resume_load_generate(record_property, name: str, cmd: list[str], out: P
 
 
 @pytest.mark.real_shapes
-def test_sft_preferred_sd15_lora_kill_resume_load_generate(real, record_property):
+def test_sft_preferred_sd15_lora_kill_resume_load_generate(real, peak_memory):
     """Diffusion-DPO's SFT baseline on the winners of the real-layout ImageRewardDB (zipped WebP images), with DPOK's
     KL regulariser: at step 1 the LoRA's B = 0, so ε_θ = ε_pre exactly and the regulariser is 0."""
-    rows = kill_resume_load_generate(record_property, f"sft.py --data preferred SD1.5 LoRA {RES} px", [
+    rows = kill_resume_load_generate(peak_memory, f"sft.py --data preferred SD1.5 LoRA {RES} px", [
         sys.executable, "sft.py", "--data", "preferred", "--dataset", "imagereward", "--dataset-source",
         str(real / "imagereward"), "--scorer", "none", "--model", str(real / "sd15"), "--resolution", str(RES),
         "--lora-rank", "4", "--reg", "kl", "--steps", "2", "--per-device-batch", "1", "--grad-accum", "1",
@@ -194,10 +187,10 @@ def test_sft_preferred_sd15_lora_kill_resume_load_generate(real, record_property
 
 
 @pytest.mark.real_shapes
-def test_diffusion_kto_sd15_lora_kill_resume_load_generate(real, record_property):
+def test_diffusion_kto_sd15_lora_kill_resume_load_generate(real, peak_memory):
     """Pick-a-Pic pairs split into liked and disliked images. At step 1 θ = ref (LoRA B = 0): every implicit reward
     is 0, so is the reference point, and the loss is λ_y·(1 − σ(0)) = 0.5 at λ_D = λ_U = 1."""
-    rows = kill_resume_load_generate(record_property, f"diffusion_kto.py SD1.5 LoRA {RES} px", [
+    rows = kill_resume_load_generate(peak_memory, f"diffusion_kto.py SD1.5 LoRA {RES} px", [
         sys.executable, "diffusion_kto.py", "--model", str(real / "sd15"), "--dataset", "pickapic",
         "--dataset-source", str(real / "pickapic"), "--resolution", str(RES), "--lora-rank", "4", "--steps", "2",
         "--per-device-batch", "1", "--grad-accum", "1", "--num-workers", "0", "--warmup-steps", "0",
@@ -209,10 +202,10 @@ def test_diffusion_kto_sd15_lora_kill_resume_load_generate(real, record_property
 
 
 @pytest.mark.real_shapes
-def test_dpok_sd15_lora_kill_resume_load_generate(real, record_property):
+def test_dpok_sd15_lora_kill_resume_load_generate(real, peak_memory):
     """One prompt, one trajectory of one DDIM step per iteration, a buffer of exactly that transition, one policy
     step on it: ρ = 1 (θ = θ_old), and at step 1 the KL to the base is 0 (LoRA B = 0)."""
-    rows = kill_resume_load_generate(record_property, f"dpok.py SD1.5 LoRA {RES} px", [
+    rows = kill_resume_load_generate(peak_memory, f"dpok.py SD1.5 LoRA {RES} px", [
         sys.executable, "dpok.py", "--model", str(real / "sd15"), "--resolution", str(RES),
         "--prompt", real_shapes.CAPTIONS[2], "--scorer", "pickscore", "--scorer-path", str(real / "clip_tiny"),
         "--clip-path", str(real / "clip_tiny"),
@@ -227,11 +220,11 @@ def test_dpok_sd15_lora_kill_resume_load_generate(real, record_property):
 
 
 @pytest.mark.real_shapes
-def test_grpo_sd15_lora_kill_resume_load_generate(real, record_property):
+def test_grpo_sd15_lora_kill_resume_load_generate(real, peak_memory):
     """One prompt, a group of 2 trajectories of 2 DDIM steps, one optimizer step per iteration: ρ = 1 before the
     update (charts/first_ratio, DanceGRPO's own check), and the group's advantages are ±1/√2, so the policy loss
     mean(−A·ρ) is 0."""
-    rows = kill_resume_load_generate(record_property, f"grpo.py SD1.5 LoRA {RES} px", [
+    rows = kill_resume_load_generate(peak_memory, f"grpo.py SD1.5 LoRA {RES} px", [
         sys.executable, "grpo.py", "--model", str(real / "sd15"), "--resolution", str(RES),
         "--prompts", str(real / "prompts.txt"), "--scorer", "pickscore", "--scorer-path", str(real / "clip_tiny"),
         "--clip-path", str(real / "clip_tiny"),
@@ -246,10 +239,10 @@ def test_grpo_sd15_lora_kill_resume_load_generate(real, record_property):
 
 
 @pytest.mark.real_shapes
-def test_alignprop_sd15_lora_kill_resume_load_generate(real, record_property):
+def test_alignprop_sd15_lora_kill_resume_load_generate(real, peak_memory):
     """draft.py --method alignprop: the reward's gradient through the last K ~ U{1, 2} of 2 DDIM steps and the
     VAE decoder (K drawn from the RNG stream the checkpoint restores); loss = λ·(−r), λ = 0.01."""
-    rows = kill_resume_load_generate(record_property, f"draft.py --method alignprop SD1.5 LoRA {RES} px", [
+    rows = kill_resume_load_generate(peak_memory, f"draft.py --method alignprop SD1.5 LoRA {RES} px", [
         sys.executable, "draft.py", "--method", "alignprop", "--model", str(real / "sd15"), "--resolution", str(RES),
         "--prompts", str(real / "prompts.txt"), "--scorer", "clip-raw", "--scorer-path", str(real / "clip_tiny"),
         "--clip-score-model", str(real / "clip_tiny"), "--lora-rank", "4", "--rollout-steps", "2",
@@ -265,7 +258,7 @@ def test_alignprop_sd15_lora_kill_resume_load_generate(real, record_property):
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("REAL_SHAPES_SDXL")),
                     reason="SDXL at its real shape (128 px, one step) needs 12.6 GiB and over 10 minutes on 2 CPU "
                            "cores: on a CPU only with REAL_SHAPES_SDXL=1")
-def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, record_property):
+def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, peak_memory):
     res = int(os.environ.get("REAL_SHAPES_SDXL_RESOLUTION", 1024 if torch.cuda.is_available() else 128))
     real_shapes.pipeline("sdxl", tmp_path / "sdxl")
     real_shapes.pickapic(tmp_path / "pickapic", n=3, size=1024)
@@ -277,7 +270,7 @@ def test_diffusion_dpo_sdxl_lora_checkpointing_step(tmp_path, record_property):
                            "--eval-pairs", "1", "--mixed-precision",
                            "no" if not torch.cuda.is_available() else "bf16", "--output-dir", str(out)])
     assert code == 0, log[-3000:]
-    report(record_property, f"diffusion_dpo.py SDXL LoRA + gradient checkpointing {res} px", peak)
+    peak_memory(f"diffusion_dpo.py SDXL LoRA + gradient checkpointing {res} px", peak)
     assert "StableDiffusionXLPipeline" in log
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if r.get("step") == 1 and "losses/loss" in r)

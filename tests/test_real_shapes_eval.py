@@ -29,12 +29,6 @@ RES = int(os.environ.get("REAL_SHAPES_RESOLUTION", 512 if torch.cuda.is_availabl
 SCORERS = ("hps", "imagereward", "pickscore", "aesthetic", "clip")
 
 
-def report(record_property, what: str, peak_gib: float) -> None:
-    """One line of the `PEAK MEMORY` section (tests/conftest.py), as tests/test_real_shapes.py's report()."""
-    device = "cuda " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    record_property("peak memory", f"{what}: {peak_gib:.2f} GiB (process peak RSS; device: {device})")
-
-
 def test_hps_file_in_openclips_layout_loads_at_a_tiny_shape(tmp_path):
     """HPS_v2.1_compressed.pt as the real one holds it ({"state_dict": OpenCLIP keys}, float16) at a tiny shape: the
     loader fills HPS's CLIPModel from it (the packed attention split in thirds, the projections transposed) and
@@ -60,12 +54,12 @@ def test_hps_file_in_openclips_layout_loads_at_a_tiny_shape(tmp_path):
 
 
 @pytest.mark.real_shapes
-def test_evaluate_with_every_scorer_at_its_real_architecture(real_sd15, tmp_path, record_property):
+def test_evaluate_with_every_scorer_at_its_real_architecture(real_sd15, tmp_path, peak_memory):
     run = lambda cmd: real_shapes.run_measured([str(c) for c in cmd], REPO)  # noqa: E731  (code, log, peak GiB)
     code, log, peak = run([sys.executable, "benchmarks/real_shapes.py", "--out", tmp_path, "--models",
                            "--scorers", *SCORERS])
     assert code == 0, log[-3000:]
-    report(record_property, "benchmarks/real_shapes.py --scorers (all five)", peak)
+    peak_memory("benchmarks/real_shapes.py --scorers (all five)", peak)
     real_shapes.pipeline("sd15", tmp_path / "sd15_small", scale=0.25)  # the second model: seconds to build
     # toy-world prompts, so the sampling run can score with the toy reward (no weights) and its peak is the sampling's
     prompts = tmp_path / "prompts.txt"
@@ -79,7 +73,7 @@ def test_evaluate_with_every_scorer_at_its_real_architecture(real_sd15, tmp_path
     code, log, peak = run([*flags, "--scorers", "toy"])
     assert code == 0, log[-3000:]
     assert "sampling base" in log and "sampling small" in log
-    report(record_property, f"evaluate.py sampling 2 prompts x 2 models, SD1.5 {RES} px, 2 steps (toy scorer)", peak)
+    peak_memory(f"evaluate.py sampling 2 prompts x 2 models, SD1.5 {RES} px, 2 steps (toy scorer)", peak)
     images = sorted((out / "images").rglob("*.png"))
     from PIL import Image
 
@@ -93,7 +87,7 @@ def test_evaluate_with_every_scorer_at_its_real_architecture(real_sd15, tmp_path
         code, log, peak = run([*flags, "--scorers", name, "--scorer-paths", f"{name}={path}", "--clip-paths",
                                f"{name}={clip_path}"])
         assert code == 0, log[-3000:]
-        report(record_property, f"evaluate.py scoring 4 images with {name} at its real architecture", peak)
+        peak_memory(f"evaluate.py scoring 4 images with {name} at its real architecture", peak)
         assert "sampling" not in log  # the images on disk were reused, untouched: this process only scored
         assert {f: f.stat().st_mtime_ns for f in images} == drawn
         results = json.loads((out / "results.json").read_text())
