@@ -10,7 +10,8 @@ replicate per training seed s in --seeds; the replicate is the unit of every tes
        dpo    diffusion_dpo.py --dataset imagereward                  Diffusion-DPO on the comparisons
        dpok   dpok.py --scorer reward-model --scorer-path rm-s<s>     DPOK on replicate s's fitted reward
        sft    sft.py --data preferred --dataset imagereward           SFT on the preferred images
-       rwsft  sft.py --data generated --scorer reward-model --reg kl  reward-weighted SFT with the KL regulariser
+       grpo   grpo.py --scorer reward-model --scorer-path rm-s<s>     GRPO on replicate s's fitted reward
+       (--arms adds rwsft, reward-weighted SFT with the KL regulariser; draft, DRaFT-1; kto, Diffusion-KTO)
     3. evaluate.py        the base and replicate s's four models on the test prompts, every model drawing the same
                           images (evaluation seed E(s): common random numbers within a replicate, new noise across)
     4. report.md          per metric and comparison, the per-replicate differences d_s = m(A, s) - m(B, s) and the
@@ -34,8 +35,9 @@ Usage:
     python benchmarks/study.py --budget ci --seeds 0 1           # the reduced budget of the CI test
     python benchmarks/study.py --mode real --gpus 8 --offline-dir /data/study_offline   # real, local copies
 A step whose output exists is skipped (run the same command again to resume after a failure). On the toy world the
-steps of a phase go --jobs at a time (default 2), each with (CPU cores / jobs) threads: the toy models are too small
-to keep two threads busy, so two one-thread runs side by side nearly halve the time (docs/study.md).
+first reward model fills the embedding cache alone; then every step starts once the steps whose output it reads are
+done, --jobs at a time (default 2), each with (CPU cores / jobs) threads: the toy models are too small to keep two
+threads busy, so two one-thread runs side by side nearly halve the time (docs/study.md).
 """
 
 import concurrent.futures
@@ -63,8 +65,12 @@ from common.runtime import require  # noqa: E402
 from common.stats import holm  # noqa: E402
 from common.toy import PROMPT_FILES, TEST_PROMPTS, TRAIN_PROMPTS, VALIDATION_PROMPTS, toy_world  # noqa: E402
 
-ARMS = ("dpo", "dpok", "sft", "rwsft")  # the protocol's arms (docs/study.md); --arms may add grpo, draft, kto
-ARMS_BY_COST = ("grpo", "dpok", "draft", "rwsft", "kto", "dpo", "sft")  # slowest first (toy, one thread each: docs/study.md)
+ARMS = ("dpo", "dpok", "sft", "grpo")  # the protocol's arms (docs/study.md, version 2); --arms may add rwsft, draft, kto
+# The order in which ready steps start, the costliest first (toy, one thread each: docs/study.md): an evaluation only
+# becomes ready once its replicate's arms are done, and then goes before the cheapest arm's next run.
+BY_COST = ("reward model", "grpo", "dpok", "draft", "rwsft", "kto", "sft", "evaluate", "dpo")
+ARM_NAMES = dict(dpo="Diffusion-DPO", dpok="DPOK", sft="SFT on the preferred images", grpo="GRPO on the fitted reward",
+                 rwsft="reward-weighted SFT", draft="DRaFT-1 on the fitted reward", kto="Diffusion-KTO")
 PRIMARY = ("dpo", "dpok")  # the primary comparison; its metric is the first scorer (toy: the true toy reward)
 SET_METRICS = ("fid", "kid", "is")
 # Real mode: what --offline-dir holds (docs/study.md lists the downloads and their sizes).
@@ -78,14 +84,16 @@ OFFLINE = dict(model="stable-diffusion-v1-5", imagereward_db="ImageRewardDB", cl
 class Args:
     mode: Literal["toy", "real"] = "toy"
     """toy: the offline toy world on a CPU; real: SD1.5 and ImageRewardDB on GPUs (the scripts' paper recipes)"""
-    seeds: tuple[int, ...] = (20, 21, 22, 23, 24)
+    seeds: tuple[int, ...] = (30, 31, 32, 33, 34)
     """one replicate per seed (training seed of every arm and of its reward model; evaluation noise E(seed)). The
-    default is the confirmation run's fresh seeds (docs/study.md): tune on others, with --eval-prompts validation"""
+    default is protocol version 2's confirmation seeds, fresh when it was fixed (docs/study.md): tune on others, with
+    --eval-prompts validation"""
     arms: tuple[Literal["dpo", "dpok", "sft", "rwsft", "grpo", "draft", "kto"], ...] = ARMS
-    """the trained arms; the protocol's four by default. grpo (grpo.py) and draft (draft.py, DRaFT-1 reward
-    backpropagation) train on replicate s's fitted reward, as DPOK; kto (diffusion_kto.py) on the comparisons' images
-    split into liked and disliked, as Diffusion-DPO on their pairs. An extra arm enlarges Holm's family, so a run with
-    it is a new protocol, to be confirmed on fresh seeds"""
+    """the trained arms; the protocol's four by default (GRPO on replicate s's fitted reward, as DPOK). rwsft
+    (sft.py, reward-weighted SFT with the KL regulariser, the first protocol's fourth arm) and draft (draft.py, DRaFT-1
+    reward backpropagation) train on replicate s's fitted reward too; kto (diffusion_kto.py) on the comparisons'
+    images split into liked and disliked, as Diffusion-DPO on their pairs. Another set of arms changes Holm's family,
+    so a run with it is a new protocol, to be confirmed on fresh seeds"""
     eval_prompts: Literal["test", "validation"] = "test"
     """where evaluate.py scores: test (the report; touch once) or validation (tuning, recipe choice, stopping rules)"""
     images_per_prompt: int | None = None
@@ -283,8 +291,8 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
     base = ["--toy"] if toy else ["--model", src["model"]]
     ir, files = str(data["imagereward"]), data["prompt_files"]
     clip = ["--clip-path", src["clip"]] if src.get("clip") else []
-    # Each toy script's own check (eval.json) at half its toy size, on the validation prompts: evaluate.py on the
-    # test prompts is where the study's numbers come from.
+    # Each toy script's own check (eval.json) at half its toy size, on the validation prompts (DPOK's at its own: its
+    # reward unit comes from it): evaluate.py on the test prompts is where the study's numbers come from.
     own = (["--reward-seeds", "2"] if toy and not ci else []) + ["--validation-prompts", str(files["validation"])]
     steps = []
     for seed in args.seeds:
@@ -316,7 +324,7 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
                 "--generated-dir", str(out / f"sft_generated-s{seed}")] +
                 (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else []),
             # the extra arms (--arms): GRPO and DRaFT-1 on replicate s's fitted reward as DPOK, KTO on DPO's data
-            "grpo": on_learned_reward("grpo.py"),
+            "grpo": on_learned_reward("grpo.py") + (["--num-validation-prompts", "24"] if toy and not ci else []),
             "draft": on_learned_reward("draft.py"),
             "kto": run("diffusion_kto.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
                 ["--steps", "3", "--eval-images", "16", "--reward-seeds", "1"] if ci else
@@ -438,11 +446,12 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
     n, first = len(args.seeds), metrics[0]
     first_eval = json.loads((out / f"evaluate-s{args.seeds[0]}" / "results.json").read_text())
     base_sd = {m: float(np.std(values["base"][m], ddof=1)) if n > 1 else float("nan") for m in metrics}
+    others = ", ".join(ARM_NAMES[a] for a in args.arms if a not in PRIMARY)
     lines = ["# The study: Diffusion-DPO on ImageReward's comparisons vs DPOK on a reward model fitted to the same "
-             "data vs SFT baselines", "",
+             f"data, with {others}", "",
              "## The protocol (docs/study.md, fixed before the results)", "",
-             f"- Question: does Diffusion-DPO match DPOK (the primary comparison), and how do both and the SFT "
-             f"baselines compare with the base and each other (the secondary ones)?",
+             f"- Question: does Diffusion-DPO match DPOK (the primary comparison), and how do both and {others} "
+             f"compare with the base and each other (the secondary ones)?",
              f"- Unit: the replicate, one per training seed ({n}: {list(args.seeds)}); each refits the reward model "
              f"with its seed and trains every arm with it; evaluation noise is shared by the models of a replicate "
              f"and new in each replicate.",
@@ -541,6 +550,25 @@ def own_checks(steps) -> list[str]:
 # ------------------------------------------------------------------------------------------ running it
 
 
+def prerequisites(steps: list) -> dict[str, set[str]]:
+    """For each step, the steps it waits for: those whose --output-dir its command reads (an arm on the fitted reward
+    reads its replicate's reward model, an evaluation every model of its replicate), and, for each reward model after
+    the first, the first (it fills the embedding cache the others read)."""
+    folder = lambda cmd: cmd[cmd.index("--output-dir") + 1]  # noqa: E731
+    outputs = {name: folder(cmd) for _, name, cmd, _ in steps}
+
+    def reads(cmd: list[str], path: str) -> bool:
+        inputs = cmd[:cmd.index("--output-dir")] + cmd[cmd.index("--output-dir") + 2:]
+        return any(part == path or part.startswith(path + os.sep) for arg in inputs for part in arg.split("="))
+
+    needs = {name: {other for other, path in outputs.items() if other != name and reads(cmd, path)}
+             for _, name, cmd, _ in steps}
+    models = [name for phase, name, _, _ in steps if phase == "reward models"]
+    for name in models[1:]:
+        needs[name].add(models[0])
+    return needs
+
+
 def run_step(name: str, cmd: list[str], out: Path, threads: int | None) -> float:
     """Run one step, its output in logs/<name>.log; `threads` caps its OpenMP threads. Returns its seconds."""
     folder = Path(cmd[cmd.index("--output-dir") + 1])
@@ -578,26 +606,37 @@ def main(args: Args) -> Path:
         timings[name] = seconds
         timings_file.write_text(json.dumps(timings, indent=1) + "\n")
 
-    # Phases in order (the reward models share an embedding cache, so they run one after another with every core);
-    # the steps of the other phases are independent: --jobs at once, each with cores / jobs threads, the slowest first.
+    # The first reward model fills the embedding cache alone, with every core. Then every other step starts as soon as
+    # the steps whose output it reads are done, --jobs at once with cores / jobs threads each, the costliest ready step
+    # first: no core waits for a phase to end. Each step's thread count is fixed by this rule, never by timing.
     threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
+    needs = prerequisites(steps)
+    names = [name for _, name, _, _ in steps]
+    kind = lambda name: name.rsplit(" seed ", 1)[0]  # noqa: E731
+    rank = lambda name: (BY_COST.index(kind(name)) if kind(name) in BY_COST else len(BY_COST), names.index(name))  # noqa: E731
+    first = [step for step in steps if step[0] == "reward models"][:1]
+    finished = {name for _, name, _, done in steps if done.exists()}
     t_start, ran = time.time(), False
-    for phase in ("reward models", "training", "evaluation"):
-        todo = [(name, cmd) for p, name, cmd, done in steps if p == phase and not done.exists()]
-        if phase == "training":
-            todo.sort(key=lambda step: ARMS_BY_COST.index(step[0].split()[0]))
+    for batch, width in ((first, 1), ([step for step in steps if step not in first], jobs)):
+        todo = {name: cmd for _, name, cmd, done in batch if not done.exists()}
         ran |= bool(todo)
-        width = 1 if phase == "reward models" else jobs
+        running, failed = {}, []
         with concurrent.futures.ThreadPoolExecutor(width) as pool:
-            running = {pool.submit(run_step, name, cmd, out, threads if width > 1 else None): name
-                       for name, cmd in todo}
-            failed = []
-            for future in concurrent.futures.as_completed(running):  # let the others finish, then name each failure
-                try:
-                    record(running[future], future.result())
-                except ValueError as e:
-                    failed.append(str(e))
-        require(not failed, "\n".join(failed))
+            while todo or running:
+                for name in sorted((n for n in todo if needs[n] <= finished), key=rank)[:width - len(running)]:
+                    running[pool.submit(run_step, name, todo.pop(name), out, threads if width > 1 else None)] = name
+                if not running:
+                    break  # what is left waits for a step that failed
+                ended, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in ended:  # a failure lets the others go on; the study stops at the end, naming it
+                    name = running.pop(future)
+                    try:
+                        record(name, future.result())
+                        finished.add(name)
+                    except ValueError as e:
+                        failed.append(str(e))
+        require(not failed, "\n".join(failed + [f"[study] not run (they read a failed step's output): "
+                                                f"{', '.join(todo)}"] * bool(todo)))
     if ran:
         record("wall clock", time.time() - t_start)
     text, tests = report(args, out, data, steps, timings)

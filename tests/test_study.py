@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 import study  # noqa: E402
 
-ARMS = ("dpo", "dpok", "sft", "rwsft")
+ARMS = ("dpo", "dpok", "sft", "grpo")  # protocol version 2 (docs/study.md)
 
 
 @pytest.mark.slow  # minutes of toy training: CI's second step (pytest.ini, README "Tests")
@@ -39,20 +39,19 @@ def test_study_runs_end_to_end_with_the_replicate_as_unit_and_each_loader_on_its
         assert read and read <= set(prompts)
     for seed in (0, 1):
         args = {a: json.loads((out / f"{a}-s{seed}" / "args.json").read_text()) for a in ARMS}
-        assert args["dpok"]["prompts"] == args["rwsft"]["prompts"] == str(out / "data" / "prompts-train.txt")
+        assert args["dpok"]["prompts"] == args["grpo"]["prompts"] == str(out / "data" / "prompts-train.txt")
+        assert args["dpok"]["scorer_path"] == args["grpo"]["scorer_path"] == str(out / f"rm-s{seed}" / "final")
         assert all(args[a]["validation_prompts"] == str(out / "data" / "prompts-validation.txt") for a in ARMS)
         assert args["dpo"]["dataset_source"] == args["sft"]["dataset_source"] == str(out / "data" / "imagereward")
         assert json.loads((out / f"rm-s{seed}" / "args.json").read_text())["imagereward_eval_split"] == "validation"
         checked = {a: json.loads((out / f"{a}-s{seed}" / "eval.json").read_text()) for a in ARMS}  # own checks
-        assert set(checked["dpok"]["validation_prompts"]) <= set(toy.VALIDATION_PROMPTS)
-        for a in ("dpo", "sft", "rwsft"):
+        for a in ("dpok", "grpo"):
+            assert set(checked[a]["validation_prompts"]) <= set(toy.VALIDATION_PROMPTS)
+        for a in ("dpo", "sft"):
             assert checked[a]["reward_prompts"] and set(checked[a]["reward_prompts"]) <= set(toy.VALIDATION_PROMPTS)
         evaluated = json.loads((out / f"evaluate-s{seed}" / "results.json").read_text())
         assert evaluated["args"]["prompts"] == str(out / "data" / "prompts-test.txt") and evaluated["n_prompts"] == 6
         assert evaluated["args"]["seed"] == study.evaluation_seed(seed)  # new noise per replicate, shared by its models
-        parts = list((out / f"sft_generated-s{seed}").rglob("part-*.parquet"))  # rwsft's generated set
-        captions = {c for f in parts for c in pq.read_table(f, columns=["caption"]).column("caption").to_pylist()}
-        assert parts and captions <= set(toy.TRAIN_PROMPTS)
     # the seed-level tests: the paired t-test over replicates on each metric's per-replicate value, against scipy
     values, metrics = study.replicate_values(out, (0, 1), ARMS)
     assert metrics == ["toy", "clip", "reward-model", "fid", "kid", "is"]
@@ -156,24 +155,32 @@ def test_below_base_warning_fires_on_a_run_made_to_fail(world, tmp_path):
     assert "BELOW the base model's" in result["warning"] and "WARNING: the trained model's" in proc.stderr
 
 
+def stand_in(out: Path, phase: str, name: str, code: str, folder: str, reads: tuple[str, ...] = ()):
+    """A study step whose script is `code`, then writes done.json (its OpenMP thread cap) and times.json (when it
+    started and ended) into its --output-dir; `reads` are other steps' folders its command names, as the real ones do
+    (--scorer-path, --candidates)."""
+    write = ("import json, os, pathlib, sys, time; d = pathlib.Path(sys.argv[-1]); d.mkdir(); "
+             "(d / 'times.json').write_text(json.dumps([t0, time.time()])); "
+             "(d / 'done.json').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))")
+    inputs = [f"x={out / f}" for f in reads]
+    return phase, name, [sys.executable, "-c", f"import time; t0 = time.time(); {code}; {write}", *inputs,
+                         "--output-dir", str(out / folder)], out / folder / "done.json"
+
+
 def test_parallel_training_runs_all_finish_and_a_failure_is_named(tmp_path, monkeypatch):
-    """--jobs 2: the training steps run two at a time, each capped to (cores / 2) threads; one that fails does not
-    stop the others, and the study stops before the evaluation naming the failed step and its log."""
+    """--jobs 2: the steps run two at a time, each capped to (cores / 2) threads, but the first reward model (it fills
+    the embedding cache); one that fails does not stop the others, and the evaluation that reads its output does not
+    start: the study stops naming the failed step and its log."""
     out = tmp_path / "study"
-
-    def step(phase: str, name: str, code: str, folder: str):  # a stand-in script: writes done.json into its folder
-        write = "import os, pathlib, sys; d = pathlib.Path(sys.argv[-1]); d.mkdir(); " \
-                "(d / 'done.json').write_text(os.environ.get('OMP_NUM_THREADS', 'unset'))"
-        return phase, name, [sys.executable, "-c", f"{code}; {write}", "--output-dir", str(out / folder)], \
-            out / folder / "done.json"
-
-    steps = [step("reward models", "reward model seed 0", "pass", "rm"),
-             step("training", "dpo seed 0", "import sys; sys.exit(3)", "dpo-s0"),
-             step("training", "dpok seed 0", "import time; time.sleep(1)", "dpok-s0"),
-             step("training", "sft seed 0", "pass", "sft-s0"), step("evaluation", "evaluate seed 0", "pass", "evaluate")]
+    steps = [stand_in(out, "reward models", "reward model seed 0", "pass", "rm"),
+             stand_in(out, "training", "dpo seed 0", "import sys; sys.exit(3)", "dpo-s0"),
+             stand_in(out, "training", "dpok seed 0", "time.sleep(1)", "dpok-s0", reads=("rm",)),
+             stand_in(out, "training", "sft seed 0", "pass", "sft-s0"),
+             stand_in(out, "evaluation", "evaluate seed 0", "pass", "evaluate", reads=("dpo-s0", "dpok-s0", "sft-s0"))]
     monkeypatch.setattr(study, "prepare_data", lambda args, out: {})
     monkeypatch.setattr(study, "commands", lambda args, out, data: steps)
-    with pytest.raises(ValueError, match=r"dpo seed 0 failed \(exit 3\); see .*dpo_seed_0\.log"):
+    with pytest.raises(ValueError, match=r"dpo seed 0 failed \(exit 3\); see .*dpo_seed_0\.log(.|\n)*not run.*"
+                                         r"evaluate seed 0"):
         study.main(study.Args(output_dir=str(out), jobs=2, seeds=(0, 1)))
     threads = str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert (out / "dpok-s0" / "done.json").read_text() == threads == (out / "sft-s0" / "done.json").read_text()
@@ -184,12 +191,45 @@ def test_parallel_training_runs_all_finish_and_a_failure_is_named(tmp_path, monk
         study.main(study.Args(output_dir=str(out), seeds=(0,)))
 
 
-def test_grpo_and_draft_arms_train_on_the_replicates_fitted_reward_like_dpok(world, tmp_path):
-    """--arms ... grpo (or draft): grpo.py gets replicate s's reward model exactly as dpok.py does, the same train and validation
-    prompt files, and its flags parse; evaluate.py compares it with the others. Not in the default (protocol) arms."""
-    import grpo
+def test_no_core_waits_for_a_phase_to_end(tmp_path, monkeypatch):
+    """A step starts once the steps whose output it reads are done, not when a whole phase is: replicate 1's
+    evaluation runs while replicate 0's long DPOK run is still going; an arm on the fitted reward starts only after its
+    reward model, and every reward model after the first only after the first (the embedding cache)."""
+    out = tmp_path / "study"
+    steps = [stand_in(out, "reward models", "reward model seed 0", "time.sleep(0.5)", "rm-s0"),
+             stand_in(out, "reward models", "reward model seed 1", "pass", "rm-s1"),
+             stand_in(out, "training", "dpok seed 0", "time.sleep(10)", "dpok-s0", reads=("rm-s0",)),
+             stand_in(out, "training", "dpo seed 0", "pass", "dpo-s0"),
+             stand_in(out, "training", "dpok seed 1", "pass", "dpok-s1", reads=("rm-s1",)),
+             stand_in(out, "training", "dpo seed 1", "pass", "dpo-s1"),
+             stand_in(out, "evaluation", "evaluate seed 0", "pass", "evaluate-s0", reads=("dpo-s0", "dpok-s0", "rm-s0")),
+             stand_in(out, "evaluation", "evaluate seed 1", "pass", "evaluate-s1", reads=("dpo-s1", "dpok-s1", "rm-s1"))]
+    monkeypatch.setattr(study, "prepare_data", lambda args, out: {})
+    monkeypatch.setattr(study, "commands", lambda args, out, data: steps)
+    monkeypatch.setattr(study, "report", lambda *a: ("", []))
+    study.main(study.Args(output_dir=str(out), jobs=2, seeds=(0, 1)))
+    t = {folder: json.loads((out / folder / "times.json").read_text())
+         for folder in ("rm-s0", "rm-s1", "dpok-s0", "dpok-s1", "dpo-s0", "evaluate-s0", "evaluate-s1")}
+    assert t["evaluate-s1"][1] < t["dpok-s0"][1]  # replicate 1 evaluated while replicate 0 still trains
+    assert t["rm-s0"][1] <= t["rm-s1"][0] and t["rm-s0"][1] <= t["dpok-s0"][0] and t["rm-s1"][1] <= t["dpok-s1"][0]
+    assert t["dpok-s0"][1] <= t["evaluate-s0"][0] and t["dpo-s0"][1] <= t["evaluate-s0"][0]
+    assert study.prerequisites(steps)["evaluate seed 1"] == {"dpo seed 1", "dpok seed 1", "reward model seed 1"}
 
-    assert "grpo" not in study.Args().arms
+
+def test_grpo_and_draft_arms_train_on_the_replicates_fitted_reward_like_dpok(world, tmp_path):
+    """grpo (a protocol arm since version 2) and draft: grpo.py gets replicate s's reward model exactly as dpok.py
+    does, the same train and validation prompt files, and its flags parse; evaluate.py compares it with the others.
+    rwsft (--arms, the first protocol's fourth arm) gets the same reward model."""
+    import grpo
+    import sft
+
+    assert study.Args().arms == ("dpo", "dpok", "sft", "grpo")
+    args = study.Args(arms=("dpo", "dpok", "rwsft"), seeds=(3, 4))
+    out = tmp_path / "study"
+    train = {name: cmd for phase, name, cmd, _ in study.commands(args, out, study.prepare_data(args, out))
+             if phase == "training"}
+    parsed = sft.parse_args(train["rwsft seed 4"][2:])
+    assert parsed.scorer == "reward-model" and parsed.scorer_path == str(out / "rm-s4" / "final") and parsed.reg == "kl"
     args = study.Args(arms=("dpo", "dpok", "grpo"), seeds=(3, 4))
     out = tmp_path / "study"
     steps = study.commands(args, out, study.prepare_data(args, out))
@@ -202,6 +242,8 @@ def test_grpo_and_draft_arms_train_on_the_replicates_fitted_reward_like_dpok(wor
     parsed = grpo.parse_args(g[2:])
     assert parsed.scorer == "reward-model" and parsed.toy and parsed.seed == 4
     assert parsed.output_dir == str(out / "grpo-s4")
+    assert parsed.num_validation_prompts == 24  # its own check at half its toy size, as the other arms'
+    assert parsed.steps == grpo.toy_defaults().steps and parsed.learning_rate == grpo.toy_defaults().learning_rate
     evaluate = next(cmd for phase, name, cmd, _ in steps if name == "evaluate seed 4")
     assert f"grpo={out / 'grpo-s4'}" in evaluate
     import draft
