@@ -419,9 +419,16 @@ def training_curves(out: Path, seeds: tuple[int, ...], arms: tuple[str, ...] = A
               ("grpo", "rewards/mean", "learned reward of its samples"), ("grpo", "charts/clip_frac", "clip fraction"),
               ("draft", "rewards/mean", "learned reward of its samples"), ("draft", "losses/loss", "loss"),
               ("kto", "losses/loss", "KTO loss"), ("kto", "rewards/reference_point", "reference point z_0")]
-    panels = [p for p in panels if p[0] in arms]
-    fig, axes = plt.subplots(2, len(panels) // 2, figsize=(4.4 * len(panels) // 2, 6.5), squeeze=False)
-    for ax, (arm, metric, label) in zip(axes.T.ravel(), panels):
+    shown = [a for a in dict.fromkeys(p[0] for p in panels) if a in arms]  # one column per arm, its panels below
+    fig, axes = plt.subplots(2, len(shown), figsize=(4.4 * len(shown), 6.5), squeeze=False)
+    place = {}
+    for arm, metric, label in panels:
+        if arm in shown:
+            col = shown.index(arm)
+            place[(arm, metric, label)] = axes[sum(1 for k in place if k[0] == arm), col]
+    for ax in set(axes.ravel()) - set(place.values()):
+        ax.axis("off")
+    for (arm, metric, label), ax in place.items():
         for seed in seeds:
             log = out / f"{arm}-s{seed}" / "metrics.jsonl"
             rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -446,11 +453,12 @@ def report(args: Args, out: Path, data: dict, steps, timings: dict) -> tuple[str
     n, first = len(args.seeds), metrics[0]
     first_eval = json.loads((out / f"evaluate-s{args.seeds[0]}" / "results.json").read_text())
     base_sd = {m: float(np.std(values["base"][m], ddof=1)) if n > 1 else float("nan") for m in metrics}
-    others = ", ".join(ARM_NAMES[a] for a in args.arms if a not in PRIMARY)
+    rest = [ARM_NAMES[a] for a in args.arms if a not in PRIMARY]
+    others = " and ".join([", ".join(rest[:-1]), rest[-1]] if len(rest) > 1 else rest) or "nothing else"
     lines = ["# The study: Diffusion-DPO on ImageReward's comparisons vs DPOK on a reward model fitted to the same "
              f"data, with {others}", "",
              "## The protocol (docs/study.md, fixed before the results)", "",
-             f"- Question: does Diffusion-DPO match DPOK (the primary comparison), and how do both and {others} "
+             f"- Question: does Diffusion-DPO match DPOK (the primary comparison), and how do both, {others}, "
              f"compare with the base and each other (the secondary ones)?",
              f"- Unit: the replicate, one per training seed ({n}: {list(args.seeds)}); each refits the reward model "
              f"with its seed and trains every arm with it; evaluation noise is shared by the models of a replicate "

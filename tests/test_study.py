@@ -246,6 +246,12 @@ def test_grpo_and_draft_arms_train_on_the_replicates_fitted_reward_like_dpok(wor
     assert parsed.steps == grpo.toy_defaults().steps and parsed.learning_rate == grpo.toy_defaults().learning_rate
     evaluate = next(cmd for phase, name, cmd, _ in steps if name == "evaluate seed 4")
     assert f"grpo={out / 'grpo-s4'}" in evaluate
+    # what each real command waits for: its replicate's reward model (the arms on the fitted reward), every model of
+    # its replicate (the evaluation), the first reward model (the others: the embedding cache); nothing else
+    needs = study.prerequisites(steps)
+    assert needs["grpo seed 4"] == needs["dpok seed 4"] == {"reward model seed 4"} and needs["dpo seed 4"] == set()
+    assert needs["evaluate seed 4"] == {"dpo seed 4", "dpok seed 4", "grpo seed 4", "reward model seed 4"}
+    assert needs["reward model seed 4"] == {"reward model seed 3"} and needs["reward model seed 3"] == set()
     import draft
 
     args = study.Args(arms=("dpo", "dpok", "draft"), seeds=(3, 4))
