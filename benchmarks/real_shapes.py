@@ -279,13 +279,12 @@ def run_measured(cmd: list[str], cwd: str | os.PathLike, kill_when: Path | None 
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if kill_when is not None and kill_when.exists():
-                time.sleep(1)  # let the checkpoint's atomic rename finish; the kill may land anywhere after it
-                proc.send_signal(signal.SIGKILL)
+            if kill_when is not None and kill_when.exists():  # `latest` is renamed into place after the checkpoint
+                proc.send_signal(signal.SIGKILL)  # at once: on a GPU the next step and the final save take ~1 s
                 kill_when = None
             if time.time() - t0 > timeout:
                 proc.kill()
-            time.sleep(0.5)
+            time.sleep(0.1 if kill_when is not None else 0.5)
         f.seek(0)
         return os.waitstatus_to_exitcode(status), f.read(), usage.ru_maxrss / 2**20
 
