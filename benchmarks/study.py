@@ -323,7 +323,8 @@ def commands(args: Args, out: Path, data: dict) -> list[tuple[str, str, list[str
                 "--data", "generated", "--reg", "kl", "--prompts", str(files["train"]),
                 "--generated-dir", str(out / f"sft_generated-s{seed}")] +
                 (["--steps", "3", "--num-images", "32", "--reward-seeds", "1"] if ci else []),
-            # the extra arms (--arms): GRPO and DRaFT-1 on replicate s's fitted reward as DPOK, KTO on DPO's data
+            # GRPO (a protocol arm since version 2) and DRaFT-1 on replicate s's fitted reward as DPOK, KTO on DPO's
+            # data (rwsft, above, draft and kto: extra arms, --arms)
             "grpo": on_learned_reward("grpo.py") + (["--num-validation-prompts", "24"] if toy and not ci else []),
             "draft": on_learned_reward("draft.py"),
             "kto": run("diffusion_kto.py") + base + s + own + ["--dataset", "imagereward", "--dataset-source", ir] + (
