@@ -563,15 +563,14 @@ def prerequisites(steps: list) -> dict[str, set[str]]:
     """For each step, the steps it waits for: those whose --output-dir its command reads (an arm on the fitted reward
     reads its replicate's reward model, an evaluation every model of its replicate), and, for each reward model after
     the first, the first (it fills the embedding cache the others read)."""
-    folder = lambda cmd: cmd[cmd.index("--output-dir") + 1]  # noqa: E731
-    outputs = {name: folder(cmd) for _, name, cmd, _ in steps}
-
-    def reads(cmd: list[str], path: str) -> bool:
-        inputs = cmd[:cmd.index("--output-dir")] + cmd[cmd.index("--output-dir") + 2:]
-        return any(part == path or part.startswith(path + os.sep) for arg in inputs for part in arg.split("="))
-
-    needs = {name: {other for other, path in outputs.items() if other != name and reads(cmd, path)}
-             for _, name, cmd, _ in steps}
+    outputs, inputs = {}, {}  # a step's --output-dir; every other path its command names (the parts of k=v too)
+    for _, name, cmd, _ in steps:
+        i = cmd.index("--output-dir")
+        outputs[name] = cmd[i + 1]
+        inputs[name] = [part for arg in cmd[:i] + cmd[i + 2:] for part in arg.split("=")]
+    reads = lambda name, path: any(p == path or p.startswith(path + os.sep) for p in inputs[name])  # noqa: E731
+    needs = {name: {other for other, path in outputs.items() if other != name and reads(name, path)}
+             for name in outputs}
     models = [name for phase, name, _, _ in steps if phase == "reward models"]
     for name in models[1:]:
         needs[name].add(models[0])
